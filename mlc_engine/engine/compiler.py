@@ -1,0 +1,86 @@
+"""Compile a model folder into a model library (`.so`) with TVM, and cache the result.
+
+The library is keyed by the model's architecture, its quantization, the target and the TVM
+version, so any model folder with the same shape reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.model.llama import LlamaForCausalLM
+from mlc_engine.engine.schedule import schedule_cpu_kernels
+
+# Bump when a change here or in the model definition changes the compiled code.
+COMPILER_VERSION = 1
+
+
+def library_key(config: ModelConfig, target: tvm.target.Target) -> str:
+    """A short hash naming everything the compiled library depends on."""
+    blob = json.dumps(
+        {
+            "arch": config.architecture_key(),
+            "target": str(target),
+            "tvm": tvm.__version__,
+            "compiler": COMPILER_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    # Chosen pass by pass: relax's default pipeline made prefill segfault on llvm.
+    passes = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    if target.kind.name == "llvm":
+        passes.append(schedule_cpu_kernels(target))
+    else:
+        from tvm.s_tir import dlight as dl
+
+        passes.append(
+            dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback(),
+            )
+        )
+    return tvm.transform.Sequential(passes)
+
+
+def compile_model(
+    config: ModelConfig,
+    target: tvm.target.Target,
+    output: Path,
+    progress: Callable[[str], None] = lambda _: None,
+) -> float:
+    """Build the library for `config` on `target` into `output`; returns the seconds taken."""
+    start = time.perf_counter()
+    progress("exporting the model graph")
+    model = LlamaForCausalLM(config, target)
+    mod, _ = model.export_tvm(spec=model.get_default_spec())
+    progress("optimizing and scheduling kernels")
+    with target:
+        mod = _pipeline(target)(mod)
+    progress("generating machine code")
+    executable = tvm.compile(mod, target)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a crash or a concurrent build never leaves half a library behind.
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial.so")
+    executable.export_library(str(partial))
+    partial.replace(output)
+    return time.perf_counter() - start

@@ -1,0 +1,181 @@
+"""The Llama family (SmolLM2, TinyLlama, Llama 2/3) and Qwen2, on TVM's paged KV cache.
+
+Qwen2 is a Llama with a bias on the q/k/v projection, so one definition serves both. The
+projections are fused as in MLC: q, k and v into `qkv_proj`, gate and up into `gate_up_proj`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.model.layers import Embedding, Linear
+from mlc_engine.engine.quantization import Quantization, get_quantization
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, quant: Quantization):
+        self.head_dim = config.head_dim
+        self.num_q_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, qkv_rows, config.attention_bias, quant)
+        self.o_proj = Linear(self.num_q_heads * self.head_dim, config.hidden_size, False, quant)
+
+    def forward(self, x: nn.Tensor, kv_cache: PagedKVCache, layer_id: int) -> nn.Tensor:
+        batch, seq_len, _ = x.shape
+        heads = self.num_q_heads + 2 * self.num_kv_heads
+        qkv = op.reshape(self.qkv_proj(x), (batch, seq_len, heads, self.head_dim))
+        out = kv_cache.attention_with_fused_qkv(
+            layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5
+        )
+        return self.o_proj(op.reshape(out, (batch, seq_len, self.num_q_heads * self.head_dim)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, quant: Quantization):
+        size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * size, False, quant)
+        self.down_proj = Linear(size, config.hidden_size, False, quant)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, quant: Quantization):
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, quant)
+        self.mlp = MLP(config, quant)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
+
+    def forward(self, x: nn.Tensor, kv_cache: PagedKVCache, layer_id: int) -> nn.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, quant: Quantization):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, quant)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, quant) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
+
+    def forward(self, x: nn.Tensor, kv_cache: PagedKVCache) -> nn.Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            x = layer(x, kv_cache, layer_id)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The exported functions: `prefill` (ragged, several sequences), `decode` (a batch)
+    and `create_kv_cache`. Logits come back in float32 whatever the compute dtype."""
+
+    def __init__(self, config: ModelConfig, target: Target):
+        quant = get_quantization(config.quantization)
+        self.config = config
+        self.target = target
+        self.dtype = quant.dtype
+        self.model = LlamaModel(config, quant)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, False, quant)
+        )
+        if quant.dtype != "float32":
+            for module in (self.model.norm, *self._layer_norms()):
+                module.weight.dtype = quant.dtype  # type: ignore[union-attr]
+
+    def _layer_norms(self) -> list[nn.RMSNorm]:
+        norms = []
+        for layer in self.model.layers:
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        return norms
+
+    def _logits(self, hidden: nn.Tensor) -> nn.Tensor:
+        if self.lm_head is None:
+            return self.model.embed_tokens.lm_head(hidden)
+        return self.lm_head(hidden).astype("float32")
+
+    def prefill(
+        self, input_ids: nn.Tensor, logit_positions: nn.Tensor, kv_cache: PagedKVCache
+    ) -> tuple[nn.Tensor, PagedKVCache]:
+        """Ragged prefill: `input_ids` holds every sequence's new tokens end to end."""
+        embeds = op.reshape(self.model.embed_tokens(input_ids), (1, input_ids.shape[0], -1))
+        hidden = op.take(self.model(embeds, kv_cache), logit_positions, axis=1)
+        return self._logits(hidden), kv_cache
+
+    def decode(self, input_ids: nn.Tensor, kv_cache: PagedKVCache) -> tuple[nn.Tensor, PagedKVCache]:
+        """One new token for each sequence of the batch."""
+        embeds = op.reshape(self.model.embed_tokens(input_ids), (input_ids.shape[0], 1, -1))
+        return self._logits(self.model(embeds, kv_cache)), kv_cache
+
+    def create_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.config
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling=dict(c.rope_scaling or {}),
+            rope_ext_factors=relax.prim_value(0),  # no longrope factors
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        spec: dict[str, Any] = {
+            "prefill": {
+                "input_ids": nn.spec.Tensor(["seq_len"], "int32"),
+                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+                "kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": packed,
+            },
+            "decode": {
+                "input_ids": nn.spec.Tensor(["batch_size"], "int32"),
+                "kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": packed,
+            },
+            "create_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+

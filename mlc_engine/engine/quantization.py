@@ -1,0 +1,115 @@
+"""Weight quantization schemes: their names, their storage layout and the NumPy side of them.
+
+Names follow MLC: `q{bits}f{compute float bits}_{variant}`.
+- `q0f32`, `q0f16`: unquantized weights in float32 / float16.
+- `q4f32_1`, `q4f16_1`: symmetric 4-bit in groups of 32, one scale per group:
+  `w = scale * (code - 8)`, code in 0..15. GGUF's Q4_0 blocks are exactly this, so they are carried
+  over without re-rounding. (MLC centres on 7; centring on 8 is what lets Q4_0 map onto it.)
+- `q4f32_m`, `q4f16_m`: asymmetric 4-bit in groups of 32 with a per-group minimum:
+  `w = scale * code + minimum`, which is GGUF's Q4_1 block, carried over as it is.
+
+Codes are packed eight to a uint32, element `k` of a row in bits `4 * (k % 8)` of word `k // 8`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+GROUP_SIZE = 32
+CODES_PER_WORD = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """One quantization scheme: how weights are stored and which float type computes."""
+
+    name: str
+    bits: int  # 0 means unquantized
+    dtype: str  # activation / compute dtype: "float32" or "float16"
+    has_minimum: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits > 0
+
+
+QUANTIZATIONS = {
+    q.name: q
+    for q in (
+        Quantization("q0f32", 0, "float32"),
+        Quantization("q0f16", 0, "float16"),
+        Quantization("q4f32_1", 4, "float32"),
+        Quantization("q4f16_1", 4, "float16"),
+        Quantization("q4f32_m", 4, "float32", has_minimum=True),
+        Quantization("q4f16_m", 4, "float16", has_minimum=True),
+    )
+}
+
+
+def get_quantization(name: str) -> Quantization:
+    """Look a scheme up by name, with an error that lists the known ones."""
+    try:
+        return QUANTIZATIONS[name]
+    except KeyError:
+        known = ", ".join(QUANTIZATIONS)
+        raise ValueError(f"unknown quantization {name!r}; known: {known}") from None
+
+
+@dataclasses.dataclass
+class PackedQ4:
+    """A 4-bit weight matrix as stored in a model folder."""
+
+    weight: np.ndarray  # uint32 [rows, cols // 8]
+    scale: np.ndarray  # [rows, cols // 32]
+    minimum: np.ndarray | None  # [rows, cols // 32], asymmetric schemes only
+
+
+def quantize_symmetric(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round a float matrix to symmetric 4-bit groups: returns (codes uint8, scale float32)."""
+    rows, cols = w.shape
+    groups = w.astype(np.float32).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    scale = np.abs(groups).max(axis=-1) / 7.0
+    safe = np.where(scale == 0, 1.0, scale)[..., None]
+    codes = np.clip(np.rint(groups / safe) + 8, 0, 15).astype(np.uint8)
+    return codes.reshape(rows, cols), scale.astype(np.float32)
+
+
+def quantize_asymmetric(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round a float matrix to asymmetric 4-bit groups: returns (codes, scale, minimum)."""
+    rows, cols = w.shape
+    groups = w.astype(np.float32).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    low = groups.min(axis=-1)
+    scale = (groups.max(axis=-1) - low) / 15.0
+    safe = np.where(scale == 0, 1.0, scale)[..., None]
+    codes = np.clip(np.rint((groups - low[..., None]) / safe), 0, 15).astype(np.uint8)
+    return codes.reshape(rows, cols), scale.astype(np.float32), low.astype(np.float32)
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """Pack uint8 codes [rows, cols] (0..15) into uint32 words [rows, cols // 8]."""
+    rows, cols = codes.shape
+    nibbles = codes.astype(np.uint32).reshape(rows, cols // CODES_PER_WORD, CODES_PER_WORD)
+    shifts = np.arange(CODES_PER_WORD, dtype=np.uint32) * 4
+    return np.bitwise_or.reduce(nibbles << shifts, axis=-1).astype(np.uint32)
+
+
+def unpack_codes(words: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_codes`."""
+    shifts = np.arange(CODES_PER_WORD, dtype=np.uint32) * 4
+    codes = (words[..., None] >> shifts) & 0xF
+    return codes.reshape(words.shape[0], -1).astype(np.uint8)
+
+
+def dequantize(packed: PackedQ4) -> np.ndarray:
+    """The float32 matrix a packed 4-bit weight stands for."""
+    codes = unpack_codes(packed.weight).astype(np.float32)
+    rows, cols = codes.shape
+    groups = codes.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    scale = packed.scale.astype(np.float32)[..., None]
+    if packed.minimum is None:
+        values = scale * (groups - 8.0)
+    else:
+        values = scale * groups + packed.minimum.astype(np.float32)[..., None]
+    return values.reshape(rows, cols)

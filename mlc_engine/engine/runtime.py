@@ -1,0 +1,142 @@
+"""Run a compiled model: its library and weights in a Relax VM, over TVM's paged KV cache.
+
+`KVCache` is a typed handle on the runtime's paged KV cache; `ModelRuntime` prefills and decodes
+batches of sequences and returns float32 logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tvm
+from safetensors.numpy import load_file
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.model.llama import LlamaForCausalLM
+
+PARAMS_FILE = "params.safetensors"
+
+
+def _builtin(name: str) -> tvm.ffi.Function:
+    return tvm.get_global_func(f"vm.builtin.{name}")
+
+
+class KVCache:
+    """Sequences live here, by integer id; one forward pass at a time runs between
+    `begin_forward` and `end_forward`."""
+
+    _add = _builtin("kv_state_add_sequence")
+    _remove = _builtin("kv_state_remove_sequence")
+    _fork = _builtin("kv_state_fork_sequence")
+    _begin = _builtin("kv_state_begin_forward")
+    _end = _builtin("kv_state_end_forward")
+    _free_pages = _builtin("attention_kv_cache_get_num_available_pages")
+    _total_length = _builtin("attention_kv_cache_get_total_sequence_length")
+
+    def __init__(self, handle: tvm.runtime.Object, page_size: int, num_pages: int):
+        self.handle = handle
+        self.page_size = page_size
+        self.num_pages = num_pages
+
+    def add_sequence(self, seq_id: int) -> None:
+        self._add(self.handle, seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._remove(self.handle, seq_id)
+
+    def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
+        """The child shares the parent's pages up to `fork_pos` (-1: all of them)."""
+        self._fork(self.handle, parent_id, child_id, fork_pos)
+
+    def begin_forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        self._begin(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
+
+    def end_forward(self) -> None:
+        self._end(self.handle)
+
+    def free_pages(self) -> int:
+        return int(self._free_pages(self.handle))
+
+    def total_sequence_length(self) -> int:
+        return int(self._total_length(self.handle))
+
+
+class ModelRuntime:
+    """A model library and its weights loaded on one device."""
+
+    def __init__(self, lib_path: Path, model_folder: Path, device: tvm.runtime.Device):
+        self.config = ModelConfig.load(model_folder)
+        self.device = device
+        executable = tvm.runtime.load_module(str(lib_path))
+        self.vm = relax.VirtualMachine(executable, device)
+        self._prefill = self.vm["prefill"]
+        self._decode = self.vm["decode"]
+        self.params = self._load_params(model_folder)
+
+    def _load_params(self, model_folder: Path) -> list[tvm.runtime.Tensor]:
+        # Parameter order is the model definition's; building the module (not compiling) gives it.
+        names = [name for name, _ in LlamaForCausalLM(self.config, None).named_parameters()]
+        stored = load_file(str(model_folder / PARAMS_FILE))
+        missing = [name for name in names if name not in stored]
+        if missing:
+            raise ValueError(f"{model_folder / PARAMS_FILE} lacks parameters: {missing[:5]}")
+        return [tvm.runtime.tensor(stored[name], self.device) for name in names]
+
+    def create_kv_cache(
+        self,
+        max_num_seqs: int,
+        max_total_tokens: int,
+        prefill_chunk_size: int | None = None,
+        page_size: int = 16,
+    ) -> KVCache:
+        chunk = prefill_chunk_size or self.config.prefill_chunk_size
+        sizes = (max_num_seqs, max_total_tokens, chunk, page_size, 0)
+        handle = self.vm["create_kv_cache"](*(ShapeTuple([size]) for size in sizes))
+        cache = KVCache(handle, page_size, 0)
+        cache.num_pages = cache.free_pages()
+        return cache
+
+    def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
+        return tvm.runtime.tensor(array, self.device)
+
+    def prefill(
+        self,
+        kv_cache: KVCache,
+        seq_ids: Sequence[int],
+        token_ids: Sequence[Sequence[int]],
+        all_logits: bool = False,
+    ) -> np.ndarray:
+        """Append each sequence's tokens in one ragged pass.
+
+        Returns the logits after each sequence's last token, [len(seq_ids), vocab], or with
+        `all_logits` the logits after every token, [total tokens, vocab]."""
+        lengths = [len(tokens) for tokens in token_ids]
+        if min(lengths) == 0:
+            raise ValueError("prefill needs at least one token per sequence")
+        flat = np.concatenate([np.asarray(tokens, dtype=np.int32) for tokens in token_ids])
+        ends = np.cumsum(lengths, dtype=np.int32)
+        positions = np.arange(len(flat), dtype=np.int32) if all_logits else ends - 1
+        kv_cache.begin_forward(seq_ids, lengths)
+        try:
+            logits, _ = self._prefill(
+                self._tensor(flat), self._tensor(positions), kv_cache.handle, self.params
+            )
+        finally:
+            kv_cache.end_forward()
+        return logits.numpy()[0]
+
+    def decode(
+        self, kv_cache: KVCache, seq_ids: Sequence[int], token_ids: Sequence[int]
+    ) -> np.ndarray:
+        """Append one token to each sequence; returns logits [len(seq_ids), vocab]."""
+        ids = self._tensor(np.asarray(token_ids, dtype=np.int32))
+        kv_cache.begin_forward(seq_ids, [1] * len(seq_ids))
+        try:
+            logits, _ = self._decode(ids, kv_cache.handle, self.params)
+        finally:
+            kv_cache.end_forward()
+        return logits.numpy()[:, 0, :]

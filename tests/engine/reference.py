@@ -1,0 +1,64 @@
+"""An independent NumPy forward pass of a Llama/Qwen2 model, from Hugging Face-named float weights.
+
+It follows the Hugging Face modelling code (rotate_half RoPE, GQA, SwiGLU), not ours, so the
+compiled model can be checked against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlc_engine.common.config import ModelConfig
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
+    return (x / np.sqrt(variance + eps)).astype(np.float32) * weight
+
+
+def _rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """x: [tokens, heads, head_dim]; Hugging Face's rotate_half convention."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
+    cos = np.cos(np.concatenate([angles, angles], axis=-1))[:, None, :]
+    sin = np.sin(np.concatenate([angles, angles], axis=-1))[:, None, :]
+    half = dim // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(np.float32)
+
+
+def forward(weights: dict[str, np.ndarray], config: ModelConfig, tokens: list[int]) -> np.ndarray:
+    """Logits [len(tokens), vocab] after each token of one sequence."""
+    c = config
+    w = weights
+    positions = np.arange(len(tokens))
+    x = w["model.embed_tokens.weight"][tokens].astype(np.float32)
+    n, hq, hkv, d = len(tokens), c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        h = _rms_norm(x, w[f"{p}.input_layernorm.weight"], c.rms_norm_eps)
+        proj = {}
+        for name in "qkv":
+            out = h @ w[f"{p}.self_attn.{name}_proj.weight"].T
+            bias = w.get(f"{p}.self_attn.{name}_proj.bias")
+            proj[name] = out + bias if bias is not None else out
+        q = _rope(proj["q"].reshape(n, hq, d), positions, c.rope_theta)
+        k = _rope(proj["k"].reshape(n, hkv, d), positions, c.rope_theta)
+        v = proj["v"].reshape(n, hkv, d)
+        group = hq // hkv
+        k = np.repeat(k, group, axis=1)
+        v = np.repeat(v, group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + causal
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n, hq * d)
+        x = x + attn @ w[f"{p}.self_attn.o_proj.weight"].T
+        h = _rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps)
+        gate = h @ w[f"{p}.mlp.gate_proj.weight"].T
+        up = h @ w[f"{p}.mlp.up_proj.weight"].T
+        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+    x = _rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
+    head = w["model.embed_tokens.weight"] if c.tie_word_embeddings else w["lm_head.weight"]
+    return x @ head.T
