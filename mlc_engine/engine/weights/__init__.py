@@ -1,0 +1,1 @@
+"""Checkpoint readers for the model converter: GGUF files and Hugging Face folders."""
