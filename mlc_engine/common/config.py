@@ -49,11 +49,12 @@ class ModelConfig:
 
     def architecture_key(self) -> dict[str, Any]:
         """The fields that change the compiled library (used in its cache key)."""
-        keep = (
-            "model_type hidden_size intermediate_size num_hidden_layers num_attention_heads "
-            "num_key_value_heads vocab_size rms_norm_eps rope_theta rope_scaling head_dim "
-            "tie_word_embeddings attention_bias quantization"
-        ).split()
+        keep = [
+            "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "vocab_size", "rms_norm_eps",
+            "rope_theta", "rope_scaling", "head_dim", "tie_word_embeddings", "attention_bias",
+            "quantization",
+        ]  # fmt: skip
         return {name: getattr(self, name) for name in keep}
 
     def save(self, folder: Path) -> None:

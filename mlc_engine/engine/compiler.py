@@ -39,7 +39,8 @@ def library_key(config: ModelConfig, target: tvm.target.Target) -> str:
 
 
 def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    # Chosen pass by pass: relax's default pipeline made prefill segfault on llvm.
+    """The whole relax pipeline, chosen pass by pass: relax's default one fuses operators a second
+    time after our schedules, which unschedules the matmuls."""
     passes = [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -55,10 +56,26 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
         passes.append(
             dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                dl.gpu.Matmul(),
+                dl.gpu.GEMV(),
+                dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(),
                 dl.gpu.Fallback(),
             )
         )
+    passes += [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
     return tvm.transform.Sequential(passes)
 
 
@@ -77,7 +94,7 @@ def compile_model(
     with target:
         mod = _pipeline(target)(mod)
     progress("generating machine code")
-    executable = tvm.compile(mod, target)
+    executable = tvm.compile(mod, target, relax_pipeline=None)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a crash or a concurrent build never leaves half a library behind.
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial.so")

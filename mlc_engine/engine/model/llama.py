@@ -114,7 +114,9 @@ class LlamaForCausalLM(nn.Module):
         hidden = op.take(self.model(embeds, kv_cache), logit_positions, axis=1)
         return self._logits(hidden), kv_cache
 
-    def decode(self, input_ids: nn.Tensor, kv_cache: PagedKVCache) -> tuple[nn.Tensor, PagedKVCache]:
+    def decode(
+        self, input_ids: nn.Tensor, kv_cache: PagedKVCache
+    ) -> tuple[nn.Tensor, PagedKVCache]:
         """One new token for each sequence of the batch."""
         embeds = op.reshape(self.model.embed_tokens(input_ids), (input_ids.shape[0], 1, -1))
         return self._logits(self.model(embeds, kv_cache)), kv_cache
@@ -178,4 +180,3 @@ class LlamaForCausalLM(nn.Module):
             },
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
-
