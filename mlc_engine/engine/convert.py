@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine import quantization as q
 from mlc_engine.engine.quantization import Quantization, get_quantization
 from mlc_engine.engine.runtime import PARAMS_FILE
-from mlc_engine.engine.weights.source import SourceTensor
+from mlc_engine.engine.weights.source import SourceTensor, load_source
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,11 @@ def _float_rows(sources: list[SourceTensor]) -> np.ndarray:
     return np.concatenate([s.to_float32() for s in sources], axis=0)
 
 
-def _quantize_q4(sources: list[SourceTensor], quant: Quantization) -> q.PackedQ4:
-    """4-bit groups for the row-concatenation of `sources`, reusing GGUF blocks when they fit."""
+def _quantize_q4(
+    sources: list[SourceTensor], quant: Quantization, rerounded: list[str]
+) -> q.PackedQ4:
+    """4-bit groups for the row-concatenation of `sources`, reusing GGUF blocks when they fit;
+    names of 4-bit sources that had to be rounded again go to `rerounded`."""
     kinds = {s.kind for s in sources}
     cols = sources[0].shape[-1]
     if cols % q.GROUP_SIZE:
@@ -50,7 +54,7 @@ def _quantize_q4(sources: list[SourceTensor], quant: Quantization) -> q.PackedQ4
         minimum = np.concatenate(minimums) if quant.has_minimum else None
     else:
         if kinds & {"Q4_0", "Q4_1"}:
-            log.warning("%s: re-rounding %s blocks to %s", sources[0].name, kinds, quant.name)
+            rerounded.append(sources[0].name)
         weight = _float_rows(sources)
         if quant.has_minimum:
             code, scale, minimum = q.quantize_asymmetric(weight)
@@ -65,12 +69,12 @@ def _quantize_q4(sources: list[SourceTensor], quant: Quantization) -> q.PackedQ4
 
 
 def _weight_params(
-    name: str, sources: list[SourceTensor], quant: Quantization
+    name: str, sources: list[SourceTensor], quant: Quantization, rerounded: list[str]
 ) -> dict[str, np.ndarray]:
     """Parameters of one (possibly fused) linear or embedding weight, under our names."""
     if not quant.quantized:
         return {f"{name}.weight": _float_rows(sources).astype(quant.dtype)}
-    packed = _quantize_q4(sources, quant)
+    packed = _quantize_q4(sources, quant, rerounded)
     params = {f"{name}.q4.q_weight": packed.weight, f"{name}.q4.q_scale": packed.scale}
     if packed.minimum is not None:
         params[f"{name}.q4.q_min"] = packed.minimum
@@ -105,18 +109,26 @@ def convert_params(
     """Map, fuse and quantize source tensors into the model definition's parameters."""
     quant = get_quantization(config.quantization)
     params: dict[str, np.ndarray] = {}
+    rerounded: list[str] = []
     for ours, names, is_weight in _groups(config):
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"the weights lack {missing[0]}")
         sources = [tensors[n] for n in names]
         if is_weight:
-            params.update(_weight_params(ours, sources, quant))
+            params.update(_weight_params(ours, sources, quant, rerounded))
         else:
             params[ours] = np.concatenate([s.to_float32().ravel() for s in sources]).astype(
                 quant.dtype
             )
         on_tensor(ours)
+    if rerounded:
+        log.warning(
+            "%d weights were already 4-bit in a layout %s cannot hold and were rounded again; "
+            "q4f32_m / q4f16_m keep GGUF Q4_0 and Q4_1 blocks exactly",
+            len(rerounded),
+            quant.name,
+        )
     return params
 
 
@@ -130,6 +142,27 @@ def write_model_folder(
     config.save(output)
 
 
-def with_quantization(config: ModelConfig, quantization: str) -> ModelConfig:
+def convert(
+    source_path: Path,
+    quantization: str,
+    output: Path,
+    model_name: str | None = None,
+    on_tensor: Callable[[str, int], None] = lambda name, total: None,
+) -> ModelConfig:
+    """Convert a GGUF file or Hugging Face folder into a model folder at `output`.
+
+    `on_tensor(name, total)` is called after each parameter group, for progress bars."""
     get_quantization(quantization)
-    return dataclasses.replace(config, quantization=quantization)
+    source = load_source(source_path)
+    config = dataclasses.replace(
+        source.config, quantization=quantization, model_name=model_name or source.config.model_name
+    )
+    total = sum(1 for _ in _groups(config))
+    params = convert_params(source.tensors, config, lambda name: on_tensor(name, total))
+    # Write to a sibling and rename, so an interrupted conversion leaves no half-made folder.
+    partial = output.with_name(f".{output.name}.partial")
+    write_model_folder(config, params, source.tokenizer_json, partial)
+    if output.exists():
+        shutil.rmtree(output)
+    partial.replace(output)
+    return config

@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGUFReader, ReaderTensor
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.weights.gguf_tokenizer import tokenizer_json_from_reader
 from mlc_engine.engine.weights.source import (
     CHAT_STOP_TOKENS,
     ModelSource,
@@ -61,7 +62,7 @@ class _Reader(GGUFReader):
 
 
 def load_gguf(path: Path) -> ModelSource:
-    """Read the tensors and metadata of a GGUF file."""
+    """Read the tensors, metadata and vocabulary (as a tokenizer.json) of a GGUF file."""
     reader = _Reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -75,7 +76,9 @@ def load_gguf(path: Path) -> ModelSource:
         tensor = _tensor(stored, arch, heads)
         tensors[tensor.name] = tensor
     config = _config(reader, arch, tensors, path)
-    return ModelSource(config=config, tensors=tensors, tokenizer_json=None, path=path)
+    has_vocab = "tokenizer.ggml.tokens" in reader.fields
+    tokenizer_json = tokenizer_json_from_reader(reader) if has_vocab else None
+    return ModelSource(config=config, tensors=tensors, tokenizer_json=tokenizer_json, path=path)
 
 
 def undo_rope_interleave(rows: np.ndarray, n_head: int) -> np.ndarray:

@@ -104,7 +104,7 @@ class ModelSource:
 
     config: ModelConfig
     tensors: dict[str, SourceTensor]
-    tokenizer_json: str | None  # tokenizer.json's text; None for GGUF (built from its vocab)
+    tokenizer_json: str | None  # tokenizer.json's text (built from the vocab for GGUF)
     path: Path
 
 

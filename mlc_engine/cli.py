@@ -1,0 +1,218 @@
+"""The `mlc-engine` command line: convert, compile, generate and chat."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mlc_engine.common.device import Device, parse_device
+from mlc_engine.common.errors import MLCEngineError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(stderr=True)
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Model folder path, or a name with quantization (e.g. SmolLM2-135M-Instruct-q4f32_1) "
+        "searched in $MLC_ENGINE_HOME, ./dist and the user cache. Default: SmolLM2-135M-Instruct.",
+    ),
+]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="cpu, cuda[:N], vulkan[:N], metal, rocm, opencl or auto.")
+]
+LibOption = Annotated[
+    Path | None, typer.Option("--lib-path", help="Use this model library instead of compiling.")
+]
+
+
+def _device(text: str) -> Device:
+    from mlc_engine.common.device import resolve_device
+
+    return resolve_device(parse_device(text))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _load(model: str | None, device_text: str, lib_path: Path | None):  # noqa: ANN202
+    """Resolve, convert and compile as needed; returns (runtime, tokenizer, chat template)."""
+    from mlc_engine.common.device import tvm_device
+    from mlc_engine.engine.models import prepare_library, prepare_model
+    from mlc_engine.engine.runtime import ModelRuntime
+    from mlc_engine.frontend.text import ChatTemplate, Tokenizer
+
+    device = _device(device_text)
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def show(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total or None)
+            bar.advance(tasks[what], done)
+
+        folder = prepare_model(model, device, show)
+        start = time.perf_counter()
+        lib = prepare_library(folder, device, lib_path, show)
+    if "compiling: generating machine code" in tasks:
+        console.print(f"compiled {lib.name} in {time.perf_counter() - start:.1f} s")
+    runtime = ModelRuntime(lib, folder, tvm_device(device))
+    tokenizer = Tokenizer.from_folder(folder, runtime.config)
+    return runtime, tokenizer, ChatTemplate.from_config(runtime.config, tokenizer)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {error}")
+    return typer.Exit(code=2)
+
+
+@app.command("convert")
+def convert_command(
+    source: Annotated[Path, typer.Argument(help="A .gguf file or a Hugging Face model folder.")],
+    quantization: Annotated[
+        str, typer.Option("--quantization", help="q0f32, q0f16, q4f32_1, q4f16_1, q4f32_m, q4f16_m")
+    ] = "q4f32_1",
+    output: Annotated[Path | None, typer.Option("--output", help="Model folder to write.")] = None,
+) -> None:
+    """Convert weights (GGUF or safetensors) into an MLC model folder."""
+    from mlc_engine.engine.convert import convert
+
+    output = output or Path("dist") / f"{source.stem}-{quantization}"
+    try:
+        with _progress() as bar:
+            task = bar.add_task(f"converting {source.name}", total=None)
+            config = convert(
+                source,
+                quantization,
+                output,
+                on_tensor=lambda name, total: bar.update(task, total=total, advance=1),
+            )
+    except (ValueError, OSError) as error:
+        raise _fail(error) from None
+    console.print(f"wrote {output} ({config.model_type}, {config.quantization})")
+
+
+@app.command("compile")
+def compile_command(
+    model: Annotated[Path, typer.Argument(help="A model folder (from `mlc-engine convert`).")],
+    device: DeviceOption = "auto",
+    output: Annotated[Path | None, typer.Option("--output", help="Library path to write.")] = None,
+) -> None:
+    """Compile a model folder into a model library for a device (cached)."""
+    from mlc_engine.common.config import ModelConfig
+    from mlc_engine.common.device import tvm_target
+    from mlc_engine.engine.compiler import compile_model
+    from mlc_engine.engine.models import prepare_library
+
+    try:
+        resolved = _device(device)
+        if output is None:
+            start = time.perf_counter()
+            lib = prepare_library(model, resolved)
+            seconds = time.perf_counter() - start
+        else:
+            config = ModelConfig.load(model)
+            seconds = compile_model(config, tvm_target(resolved), output)
+            lib = output
+    except (MLCEngineError, ValueError, OSError) as error:
+        raise _fail(error) from None
+    console.print(f"{lib} ({seconds:.1f} s)")
+
+
+@app.command("generate")
+def generate_command(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    lib_path: LibOption = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 256,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="No chat template: continue the text.")
+    ] = False,
+) -> None:
+    """Answer one prompt with greedy decoding, streamed to stdout."""
+    from mlc_engine.engine.greedy import GreedySession
+    from mlc_engine.frontend.text import IncrementalDetokenizer
+
+    try:
+        runtime, tokenizer, template = _load(model, device, lib_path)
+        text = prompt if raw else template.render([{"role": "user", "content": prompt}])
+        ids = tokenizer.encode(text)
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        start, count = time.perf_counter(), 0
+        for token in GreedySession(runtime).generate(ids, max_tokens, tokenizer.eos_token_ids):
+            sys.stdout.write(detokenizer.push([token]))
+            sys.stdout.flush()
+            count += 1
+        sys.stdout.write(detokenizer.flush() + "\n")
+    except (MLCEngineError, ValueError, OSError) as error:
+        raise _fail(error) from None
+    seconds = time.perf_counter() - start
+    console.print(f"[dim]{len(ids)} prompt + {count} generated tokens in {seconds:.2f} s[/dim]")
+
+
+@app.command("chat")
+def chat_command(
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    lib_path: LibOption = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 512,
+) -> None:
+    """Chat with the model in the terminal (/reset starts over, /exit or Ctrl-D quits)."""
+    from mlc_engine.engine.greedy import GreedySession
+    from mlc_engine.frontend.text import IncrementalDetokenizer
+
+    try:
+        runtime, tokenizer, template = _load(model, device, lib_path)
+    except (MLCEngineError, ValueError, OSError) as error:
+        raise _fail(error) from None
+    session = GreedySession(runtime)
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            line = console.input("[bold green]>>> [/bold green]")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages.clear()
+            continue
+        messages.append({"role": "user", "content": line})
+        # The whole conversation is prefilled again each turn; at this size it costs little.
+        session.reset()
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        reply = ""
+        try:
+            ids = tokenizer.encode(template.render(messages))
+            for token in session.generate(ids, max_tokens, tokenizer.eos_token_ids):
+                piece = detokenizer.push([token])
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ValueError as error:
+            console.print(f"[red]error:[/red] {error}")
+            messages.pop()
+            continue
+        reply += detokenizer.flush()
+        sys.stdout.write(detokenizer.flush() + "\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main() -> None:
+    app()

