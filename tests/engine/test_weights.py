@@ -165,7 +165,9 @@ def test_gguf_metadata_fills_model_config(qwen2_gguf: ModelSource) -> None:
     assert config.tie_word_embeddings and config.attention_bias
     assert (config.bos_token_id, config.eos_token_ids) == (1, [2, 4])  # 4: <|im_end|>
     assert config.chat_template == TEMPLATE and config.model_name == "tiny"
-    assert config.quantization == "q0f32" and qwen2_gguf.tokenizer_json is None
+    assert config.quantization == "q0f32"
+    assert qwen2_gguf.tokenizer_json is not None
+    assert json.loads(qwen2_gguf.tokenizer_json)["model"]["type"] == "BPE"
 
 
 def test_llama_gguf_q_and_k_rows_come_back_in_hf_order(tmp_path: Path) -> None:
