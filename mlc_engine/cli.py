@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from mlc_engine.common.device import Device, parse_device
 from mlc_engine.common.errors import MLCEngineError
@@ -59,7 +59,7 @@ def _load(model: str | None, device_text: str, lib_path: Path | None):  # noqa: 
 
     device = _device(device_text)
     with _progress() as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def show(what: str, done: int, total: int) -> None:
             if what not in tasks:
