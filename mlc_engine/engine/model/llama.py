@@ -54,8 +54,9 @@ class DecoderLayer(nn.Module):
         eps = config.rms_norm_eps
         self.self_attn = Attention(config, quant)
         self.mlp = MLP(config, quant)
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
+        hidden, dtype = config.hidden_size, quant.dtype
+        self.input_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
 
     def forward(self, x: nn.Tensor, kv_cache: PagedKVCache, layer_id: int) -> nn.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), kv_cache, layer_id)
@@ -68,7 +69,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             [DecoderLayer(config, quant) for _ in range(config.num_hidden_layers)]
         )
-        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
+        self.norm = nn.RMSNorm(
+            config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=quant.dtype
+        )
 
     def forward(self, x: nn.Tensor, kv_cache: PagedKVCache) -> nn.Tensor:
         for layer_id, layer in enumerate(self.layers):
@@ -91,15 +94,6 @@ class LlamaForCausalLM(nn.Module):
             if config.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, False, quant)
         )
-        if quant.dtype != "float32":
-            for module in (self.model.norm, *self._layer_norms()):
-                module.weight.dtype = quant.dtype  # type: ignore[union-attr]
-
-    def _layer_norms(self) -> list[nn.RMSNorm]:
-        norms = []
-        for layer in self.model.layers:
-            norms += [layer.input_layernorm, layer.post_attention_layernorm]
-        return norms
 
     def _logits(self, hidden: nn.Tensor) -> nn.Tensor:
         if self.lm_head is None:

