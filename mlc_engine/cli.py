@@ -15,7 +15,7 @@ from mlc_engine.common.device import Device, parse_device
 from mlc_engine.common.errors import MLCEngineError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ModelOption = Annotated[
     str | None,
@@ -109,25 +109,32 @@ def convert_command(
 
 @app.command("compile")
 def compile_command(
-    model: Annotated[Path, typer.Argument(help="A model folder (from `mlc-engine convert`).")],
+    model: Annotated[str, typer.Argument(help="A model folder, or a model name to search for.")],
     device: DeviceOption = "auto",
-    output: Annotated[Path | None, typer.Option("--output", help="Library path to write.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Library path to write (default: the cache).")
+    ] = None,
 ) -> None:
     """Compile a model folder into a model library for a device (cached)."""
     from mlc_engine.common.config import ModelConfig
     from mlc_engine.common.device import tvm_target
+    from mlc_engine.common.model_paths import resolve_model
     from mlc_engine.engine.compiler import compile_model
     from mlc_engine.engine.models import prepare_library
 
     try:
-        resolved = _device(device)
+        folder = resolve_model(model)
+        # A concrete device need not be present to compile for it; `auto` picks a present one.
+        target_device = parse_device(device)
+        if target_device.kind == "auto":
+            target_device = _device(device)
         if output is None:
             start = time.perf_counter()
-            lib = prepare_library(model, resolved)
+            lib = prepare_library(folder, target_device)
             seconds = time.perf_counter() - start
         else:
-            config = ModelConfig.load(model)
-            seconds = compile_model(config, tvm_target(resolved), output)
+            config = ModelConfig.load(folder)
+            seconds = compile_model(config, tvm_target(target_device), output)
             lib = output
     except (MLCEngineError, ValueError, OSError) as error:
         raise _fail(error) from None

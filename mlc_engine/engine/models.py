@@ -91,12 +91,14 @@ def prepare_library(
     progress: Progress = _no_progress,
 ) -> Path:
     """`lib_path` when given; else the cached library for this model and device, compiled now
-    if it is not cached yet."""
+    if it is not cached yet. The device need not be present (cross-compiling), but `auto` is
+    resolved to one that is."""
     if lib_path is not None:
         if not lib_path.is_file():
             raise ModelNotFoundError(f"--lib-path {lib_path} does not exist")
         return lib_path
-    device = resolve_device(device)
+    if device.kind == "auto":
+        device = resolve_device(device)
     config = ModelConfig.load(model_folder)
     target = tvm_target(device)
     path = library_path(config, target, device)

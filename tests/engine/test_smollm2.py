@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 from conftest import LoadedModel
 
@@ -51,31 +47,3 @@ def test_smollm2_batch_of_three_gives_each_sequence_its_own_logits(smollm2: Load
         np.testing.assert_allclose(prefill[i], alone[i][0], atol=1e-3)
         np.testing.assert_allclose(decode[i], alone[i][1], atol=1e-3)
         assert np.argmax(decode[i]) == np.argmax(alone[i][1])
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlc_engine", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=os.environ.copy(),
-    )
-
-
-def test_cli_generate_answers_with_the_default_model(smollm2: LoadedModel) -> None:
-    result = _cli("generate", "What is the capital of France?", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
-
-
-def test_cli_names_a_missing_device_in_one_line() -> None:
-    result = _cli("generate", "hi", "--device", "vulkan")
-    assert result.returncode == 2
-    assert "Vulkan" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_cli_reports_an_unknown_model_with_the_paths_searched() -> None:
-    result = _cli("generate", "hi", "--model", "NoSuchModel-q4f32_1", "--device", "cpu")
-    assert result.returncode == 2
-    assert "not found" in result.stderr and "Traceback" not in result.stderr
