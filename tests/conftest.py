@@ -38,6 +38,25 @@ TINY_HF_CONFIG = {
 }
 
 
+# Variants of the tiny model by name: a Hugging Face model_type plus config overrides.
+TINY_VARIANTS: dict[str, dict[str, object]] = {
+    "llama": {"model_type": "llama", "tie_word_embeddings": True},
+    "qwen2": {"model_type": "qwen2", "tie_word_embeddings": False},
+    # A short original context and a large factor, so the scaling shows in a few tokens.
+    "llama3-rope": {
+        "model_type": "llama",
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    },
+}
+
+
 def tiny_hf_weights(model_type: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights in Hugging Face names; Qwen2 gets q/k/v biases and an untied head."""
     c = TINY_HF_CONFIG
@@ -82,22 +101,18 @@ class LoadedModel:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., LoadedModel]:
-    """`tiny_model(quantization, model_type="llama")`: converted from a Hugging Face folder of
+    """`tiny_model(quantization, variant="llama")`: converted from a Hugging Face folder of
     random weights, compiled and loaded; each variant once per session."""
     loaded: dict[tuple[str, str], LoadedModel] = {}
 
-    def load(quantization: str, model_type: str = "llama") -> LoadedModel:
-        key = (quantization, model_type)
+    def load(quantization: str, variant: str = "llama") -> LoadedModel:
+        key = (quantization, variant)
         if key not in loaded:
-            root = tmp_path_factory.mktemp(f"tiny-{model_type}-{quantization}")
+            root = tmp_path_factory.mktemp(f"tiny-{variant}-{quantization}")
             hf_folder = root / "hf"
             hf_folder.mkdir()
-            weights = tiny_hf_weights(model_type)
-            hf_config = {
-                **TINY_HF_CONFIG,
-                "model_type": model_type,
-                "tie_word_embeddings": model_type == "llama",
-            }
+            hf_config = {**TINY_HF_CONFIG, **TINY_VARIANTS[variant]}
+            weights = tiny_hf_weights(str(hf_config["model_type"]))
             (hf_folder / "config.json").write_text(json.dumps(hf_config))
             save_file(weights, str(hf_folder / "model.safetensors"))
             folder = root / "model"

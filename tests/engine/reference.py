@@ -16,10 +16,26 @@ def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(variance + eps)).astype(np.float32) * weight
 
 
-def _rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+def _llama3_scaling(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
+    """Hugging Face's `_compute_llama3_parameters`."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def _rope(
+    x: np.ndarray, positions: np.ndarray, theta: float, scaling: dict | None = None
+) -> np.ndarray:
     """x: [tokens, heads, head_dim]; Hugging Face's rotate_half convention."""
     dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if scaling and scaling.get("rope_type") == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, scaling)
     angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
     cos = np.cos(np.concatenate([angles, angles], axis=-1))[:, None, :]
     sin = np.sin(np.concatenate([angles, angles], axis=-1))[:, None, :]
@@ -44,8 +60,8 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, tokens: list[in
             out = h @ w[f"{p}.self_attn.{name}_proj.weight"].T
             bias = w.get(f"{p}.self_attn.{name}_proj.bias")
             proj[name] = out + bias if bias is not None else out
-        q = _rope(proj["q"].reshape(n, hq, d), positions, c.rope_theta)
-        k = _rope(proj["k"].reshape(n, hkv, d), positions, c.rope_theta)
+        q = _rope(proj["q"].reshape(n, hq, d), positions, c.rope_theta, c.rope_scaling)
+        k = _rope(proj["k"].reshape(n, hkv, d), positions, c.rope_theta, c.rope_scaling)
         v = proj["v"].reshape(n, hkv, d)
         group = hq // hkv
         k = np.repeat(k, group, axis=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -10,6 +11,7 @@ import reference
 from safetensors.numpy import load_file
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.quantization import PackedQ4, dequantize
 from mlc_engine.engine.runtime import PARAMS_FILE
 
@@ -66,22 +68,24 @@ def dequantized_hf_weights(folder, config: ModelConfig) -> dict[str, np.ndarray]
 def _check_against_reference(model, weights, tolerance: float) -> None:  # noqa: ANN001
     runtime, config = model.runtime, model.config
     kv = runtime.create_kv_cache(4, 512, 128)
-    for seq_id, prompt in enumerate(PROMPTS):
+    # Long enough for RoPE scaling (original context 16 in the llama3 variant) to matter.
+    prompts = [*PROMPTS, list(range(40, 80))]
+    for seq_id, prompt in enumerate(prompts):
         kv.add_sequence(seq_id)
         logits = runtime.prefill(kv, [seq_id], [prompt], all_logits=True)
         expected = reference.forward(weights, config, prompt)
         assert logits.shape == expected.shape
         assert _relative_error(logits, expected) < tolerance
-    next_tokens = [12, 4, 6]
-    logits = runtime.decode(kv, [0, 1, 2], next_tokens)
-    for seq_id, prompt in enumerate(PROMPTS):
+    next_tokens = [12, 4, 6, 81]
+    logits = runtime.decode(kv, [0, 1, 2, 3], next_tokens)
+    for seq_id, prompt in enumerate(prompts):
         expected = reference.forward(weights, config, prompt + [next_tokens[seq_id]])[-1]
         assert _relative_error(logits[seq_id], expected) < tolerance
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_q0f32_matches_numpy_reference(tiny_model: Callable, model_type: str) -> None:
-    model = tiny_model("q0f32", model_type)
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "llama3-rope"])
+def test_q0f32_matches_numpy_reference(tiny_model: Callable, variant: str) -> None:
+    model = tiny_model("q0f32", variant)
     _check_against_reference(model, model.hf_weights, tolerance=1e-4)
 
 
@@ -168,3 +172,11 @@ def test_prefill_rejects_an_empty_prompt(tiny_model: Callable) -> None:
     kv.add_sequence(0)
     with pytest.raises(ValueError, match="at least one token"):
         runtime.prefill(kv, [0], [[]])
+
+
+def test_unsupported_rope_scaling_is_refused_by_name(tiny_model: Callable) -> None:
+    config = dataclasses.replace(
+        tiny_model("q0f32").config, rope_scaling={"type": "linear", "factor": 2.0}
+    )
+    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported"):
+        LlamaForCausalLM(config, None)

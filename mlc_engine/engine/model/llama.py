@@ -85,6 +85,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig, target: Target):
         quant = get_quantization(config.quantization)
+        self.rope_scaling = _rope_scaling(config)
         self.config = config
         self.target = target
         self.dtype = quant.dtype
@@ -142,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
             rope_mode=RopeMode.NORMAL,
             rope_scale=1,
             rope_theta=c.rope_theta,
-            rope_scaling=dict(c.rope_scaling or {}),
+            rope_scaling=self.rope_scaling,
             rope_ext_factors=relax.prim_value(0),  # no longrope factors
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
@@ -174,3 +175,18 @@ class LlamaForCausalLM(nn.Module):
             },
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+SUPPORTED_ROPE_SCALING = ("llama3", "yarn")
+
+
+def _rope_scaling(config: ModelConfig) -> dict[str, Any]:
+    """The RoPE scaling dict TVM's kernels take ({} for none); older configs say "type"."""
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    if kind == "default":
+        return {}
+    if kind not in SUPPORTED_ROPE_SCALING:
+        supported = ", ".join(SUPPORTED_ROPE_SCALING)
+        raise ValueError(f"RoPE scaling {kind!r} is not supported (supported: {supported})")
+    return {**scaling, "rope_type": kind}
