@@ -11,9 +11,10 @@ from pathlib import Path
 from conftest import LoadedModel
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mlc_engine", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=600,
@@ -25,6 +26,16 @@ def test_generate_answers_with_the_default_model(smollm2: LoadedModel) -> None:
     result = _cli("generate", "What is the capital of France?", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_chat_keeps_the_conversation_across_turns(smollm2: LoadedModel) -> None:
+    turns = "What is the capital of France?\nAnd of Germany?\n/exit\n"
+    result = _cli("chat", "--device", "cpu", stdin=turns)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.strip().split("\n")
+    assert "Paris" in first
+    # "And of Germany?" only makes sense with the first turn in context.
+    assert "Berlin" in second
 
 
 def test_a_missing_device_is_named_in_one_line() -> None:
