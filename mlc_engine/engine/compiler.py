@@ -20,8 +20,18 @@ from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.schedule import schedule_cpu_kernels
 
-# Bump when a change here or in the model definition changes the compiled code.
-COMPILER_VERSION = 1
+# The sources whose change changes the compiled code: part of every library's cache key, so a
+# changed schedule or model definition never runs from a stale library.
+_CODEGEN_SOURCES = ("compiler.py", "schedule.py", "quantization.py", "model/*.py")
+
+
+def _codegen_fingerprint() -> str:
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for pattern in _CODEGEN_SOURCES:
+        for source in sorted(root.glob(pattern)):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def library_key(config: ModelConfig, target: tvm.target.Target) -> str:
@@ -31,7 +41,7 @@ def library_key(config: ModelConfig, target: tvm.target.Target) -> str:
             "arch": config.architecture_key(),
             "target": str(target),
             "tvm": tvm.__version__,
-            "compiler": COMPILER_VERSION,
+            "codegen": _codegen_fingerprint(),
         },
         sort_keys=True,
     )

@@ -134,6 +134,24 @@ def test_batched_prefill_and_decode_equal_each_sequence_alone(tiny_model: Callab
             np.testing.assert_allclose(batch[i], alone[i][step], rtol=0, atol=1e-4)
 
 
+def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -> None:
+    # More rows than the matrix-vector schedule takes: the tiled schedule runs.
+    runtime = tiny_model("q4f32_m").runtime
+    count = 12
+    prompts = [[seq_id + 1, 2 * seq_id + 5, 7] for seq_id in range(count)]
+    kv = runtime.create_kv_cache(count, 512, 128)
+    for seq_id in range(count):
+        kv.add_sequence(seq_id)
+    runtime.prefill(kv, list(range(count)), prompts)
+    together = runtime.decode(kv, list(range(count)), list(range(30, 30 + count)))
+    for seq_id, prompt in enumerate(prompts):
+        alone = runtime.create_kv_cache(1, 512, 128)
+        alone.add_sequence(0)
+        runtime.prefill(alone, [0], [prompt])
+        expected = runtime.decode(alone, [0], [30 + seq_id])[0]
+        np.testing.assert_allclose(together[seq_id], expected, rtol=0, atol=1e-4)
+
+
 def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:
     runtime = tiny_model("q0f32").runtime
     kv = runtime.create_kv_cache(4, 512, 128, page_size=16)

@@ -14,6 +14,10 @@ from tvm.relax.frontend import nn
 
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE, Quantization
 
+# Block names the CPU schedule looks for.
+MATMUL_BLOCK = "NT_matmul"
+DEQUANTIZE_BLOCK = "dequantize"
+
 
 def _q4_value(
     weight: te.Tensor,
@@ -61,20 +65,26 @@ def _weight_args(weight: Q4Weight | nn.Tensor) -> list[nn.Tensor]:
 
 
 def matmul_nt(x: nn.Tensor, weight: Q4Weight | nn.Tensor, out_dtype: str) -> nn.Tensor:
-    """`x @ W.T` for W of shape [N, K] (float or 4-bit)."""
+    """`x @ W.T` for W of shape [N, K] (float or 4-bit).
+
+    Two blocks: `dequantize` (W as floats, a plain copy for float weights) and the `NT_matmul`
+    reduction. The CPU schedule inlines the first into the second for few rows, and stages
+    tiles of it for many (see `schedule.py`)."""
 
     def compute(x: te.Tensor, w: te.Tensor, *q: te.Tensor) -> te.Tensor:
         read = _value_reader(w, q)
-        k = te.reduce_axis((0, x.shape[-1]), name="k")
+        rows, cols = w.shape[0], x.shape[-1]
+        weight = te.compute(
+            (rows, cols), lambda n, k: read(n, k).astype(out_dtype), name=DEQUANTIZE_BLOCK
+        )
+        k = te.reduce_axis((0, cols), name="k")
         return te.compute(
-            (*x.shape[:-1], w.shape[0]),
-            lambda *i: te.sum(
-                x[(*i[:-1], k)].astype(out_dtype) * read(i[-1], k).astype(out_dtype), axis=k
-            ),
-            name="NT_matmul",
+            (*x.shape[:-1], rows),
+            lambda *i: te.sum(x[(*i[:-1], k)].astype(out_dtype) * weight[i[-1], k], axis=k),
+            name=MATMUL_BLOCK,
         )
 
-    return nn.op.tensor_expr_op(compute, "NT_matmul", [x, *_weight_args(weight)])
+    return nn.op.tensor_expr_op(compute, MATMUL_BLOCK, [x, *_weight_args(weight)])
 
 
 def take_rows(weight: Q4Weight | nn.Tensor, ids: nn.Tensor, cols: int) -> nn.Tensor:
