@@ -28,6 +28,10 @@ ModelOption = Annotated[
 DeviceOption = Annotated[
     str, typer.Option("--device", help="cpu, cuda[:N], vulkan[:N], metal, rocm, opencl or auto.")
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option("--num-threads", min=1, help="CPU threads for the model (default: all cores)."),
+]
 LibOption = Annotated[
     Path | None, typer.Option("--lib-path", help="Use this model library instead of compiling.")
 ]
@@ -50,7 +54,9 @@ def _progress() -> Progress:
     )
 
 
-def _load(model: str | None, device_text: str, lib_path: Path | None):  # noqa: ANN202
+def _load(  # noqa: ANN202
+    model: str | None, device_text: str, lib_path: Path | None, num_threads: int | None
+):
     """Resolve, convert and compile as needed; returns (runtime, tokenizer, chat template)."""
     from mlc_engine.common.device import tvm_device
     from mlc_engine.engine.models import prepare_library, prepare_model
@@ -71,7 +77,7 @@ def _load(model: str | None, device_text: str, lib_path: Path | None):  # noqa: 
         lib = prepare_library(folder, device, lib_path, show)
     if "compiling: generating machine code" in tasks:
         console.print(f"compiled {lib.name} in {time.perf_counter() - start:.1f} s")
-    runtime = ModelRuntime(lib, folder, tvm_device(device))
+    runtime = ModelRuntime(lib, folder, tvm_device(device), num_threads)
     tokenizer = Tokenizer.from_folder(folder, runtime.config)
     return runtime, tokenizer, ChatTemplate.from_config(runtime.config, tokenizer)
 
@@ -147,6 +153,7 @@ def generate_command(
     model: ModelOption = None,
     device: DeviceOption = "auto",
     lib_path: LibOption = None,
+    num_threads: ThreadsOption = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 256,
     raw: Annotated[
         bool, typer.Option("--raw", help="No chat template: continue the text.")
@@ -157,7 +164,7 @@ def generate_command(
     from mlc_engine.frontend.text import IncrementalDetokenizer
 
     try:
-        runtime, tokenizer, template = _load(model, device, lib_path)
+        runtime, tokenizer, template = _load(model, device, lib_path, num_threads)
         text = prompt if raw else template.render([{"role": "user", "content": prompt}])
         ids = tokenizer.encode(text)
         detokenizer = IncrementalDetokenizer(tokenizer)
@@ -178,6 +185,7 @@ def chat_command(
     model: ModelOption = None,
     device: DeviceOption = "auto",
     lib_path: LibOption = None,
+    num_threads: ThreadsOption = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1)] = 512,
 ) -> None:
     """Chat with the model in the terminal (/reset starts over, /exit or Ctrl-D quits)."""
@@ -185,7 +193,7 @@ def chat_command(
     from mlc_engine.frontend.text import IncrementalDetokenizer
 
     try:
-        runtime, tokenizer, template = _load(model, device, lib_path)
+        runtime, tokenizer, template = _load(model, device, lib_path, num_threads)
     except (MLCEngineError, ValueError, OSError) as error:
         raise _fail(error) from None
     session = GreedySession(runtime)
