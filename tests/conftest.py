@@ -18,10 +18,36 @@ from safetensors.numpy import save_file
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.device import Device, tvm_device
 from mlc_engine.engine.convert import convert
-from mlc_engine.engine.models import prepare_library, prepare_model
+from mlc_engine.engine.models import default_model_gguf, prepare_library, prepare_model
 from mlc_engine.engine.runtime import ModelRuntime
 
 CPU = Device("cpu")
+SMOLLM2_GGUF = default_model_gguf()
+
+# Strings that trip tokenizers up: scripts, emoji sequences, whitespace runs, code, special tokens.
+TRICKY_STRINGS = [
+    "Hello world",
+    "naïve café — “quotes” ½ ñ Ünïcödé ẞ ﬁ ㎏ ①",
+    "日本語のテキストと中文字符",
+    "مرحبا بالعالم Привет мир",
+    "emoji 😀👍🏽👨‍👩‍👧 done 🙂🙂",
+    "def f(x):\n\tif x:\n\t\treturn  x\n    else:\n        pass\n",
+    "a   b    c\n\n\n  d \n ",
+    "   leading and trailing   ",
+    "tabs\t\tand\r\nCRLF\r\n",
+    "  \t  \n\t",
+    "12345 and 3.14159 and 1,000,000 and $1234567.89!!",
+    "1a2b33c444",
+    "I'm can't we'll they've she'd I'LL YOU'RE 's '''",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>assistant\n",
+    "x<|im_end|>y<|endoftext|><|endoftext|>",
+    "x = [1,2,3]; // comment\n  \n",
+    "x\u200by",
+    "\n",
+    " ",
+    "",
+]
 
 TINY_HF_CONFIG = {
     "hidden_size": 64,

