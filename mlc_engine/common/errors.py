@@ -11,3 +11,7 @@ class DeviceError(MLCEngineError, ValueError):
 
 class ModelNotFoundError(MLCEngineError):
     """A model name that matches no model folder on the search paths."""
+
+
+class ModelLibraryError(MLCEngineError):
+    """A model library that does not match the model folder it is asked to run."""

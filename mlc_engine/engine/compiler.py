@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -89,6 +90,22 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return tvm.transform.Sequential(passes)
 
 
+METADATA_FUNCTION = "_metadata"
+
+
+def library_metadata(config: ModelConfig) -> dict[str, Any]:
+    """What a library records about the model it was built for, to check it against later."""
+    return {"architecture": config.architecture_key()}
+
+
+def _with_metadata(mod: tvm.IRModule, config: ModelConfig) -> tvm.IRModule:
+    builder = relax.BlockBuilder()
+    with builder.function(METADATA_FUNCTION, []):
+        builder.emit_func_output(tvm.ir.StringImm(json.dumps(library_metadata(config))))
+    mod[METADATA_FUNCTION] = builder.get()[METADATA_FUNCTION]
+    return mod
+
+
 def compile_model(
     config: ModelConfig,
     target: tvm.target.Target,
@@ -100,6 +117,7 @@ def compile_model(
     progress("exporting the model graph")
     model = LlamaForCausalLM(config, target)
     mod, _ = model.export_tvm(spec=model.get_default_spec())
+    mod = _with_metadata(mod, config)
     progress("optimizing and scheduling kernels")
     with target:
         mod = _pipeline(target)(mod)

@@ -6,6 +6,7 @@ batches of sequences and returns float32 logits.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from tvm import relax
 from tvm.runtime import ShapeTuple
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.errors import ModelLibraryError
+from mlc_engine.engine.compiler import METADATA_FUNCTION, library_metadata
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 
 PARAMS_FILE = "params.safetensors"
@@ -91,9 +94,25 @@ class ModelRuntime:
         self.device = device
         executable = tvm.runtime.load_module(str(lib_path))
         self.vm = relax.VirtualMachine(executable, device)
+        self._check_library(lib_path, model_folder)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
         self.params = self._load_params(model_folder)
+
+    def _check_library(self, lib_path: Path, model_folder: Path) -> None:
+        built_for = json.loads(str(self.vm[METADATA_FUNCTION]()))
+        expected = library_metadata(self.config)
+        if built_for != expected:
+            mismatched = sorted(
+                key
+                for key in expected["architecture"]
+                if built_for["architecture"].get(key) != expected["architecture"][key]
+            )
+            raise ModelLibraryError(
+                f"model library {lib_path} was built for another model than {model_folder} "
+                f"(they differ in {', '.join(mismatched)}); drop --lib-path to compile a "
+                "matching one"
+            )
 
     def _load_params(self, model_folder: Path) -> list[tvm.runtime.Tensor]:
         # Parameter order is the model definition's; building the module (not compiling) gives it.

@@ -8,12 +8,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import reference
+import tvm
+from conftest import CPU
 from safetensors.numpy import load_file
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.errors import ModelLibraryError
 from mlc_engine.engine.model.llama import LlamaForCausalLM
+from mlc_engine.engine.models import prepare_library
 from mlc_engine.engine.quantization import PackedQ4, dequantize
-from mlc_engine.engine.runtime import PARAMS_FILE
+from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 8]]
 
@@ -198,3 +202,10 @@ def test_unsupported_rope_scaling_is_refused_by_name(tiny_model: Callable) -> No
     )
     with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported"):
         LlamaForCausalLM(config, None)
+
+
+def test_a_library_built_for_another_model_is_refused(tiny_model: Callable) -> None:
+    llama, qwen2 = tiny_model("q0f32"), tiny_model("q0f32", "qwen2")
+    qwen2_library = prepare_library(qwen2.folder, CPU)
+    with pytest.raises(ModelLibraryError, match="differ in attention_bias, model_type"):
+        ModelRuntime(qwen2_library, llama.folder, tvm.cpu())
