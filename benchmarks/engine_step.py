@@ -20,14 +20,13 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from loading import load
 from rich.console import Console
 from rich.table import Table
 
-from mlc_engine.common.config import ModelConfig
-from mlc_engine.common.device import Device, parse_device, resolve_device, tvm_device, tvm_target
-from mlc_engine.engine.models import DEFAULT_MODEL, library_path, prepare_library, prepare_model
+from mlc_engine.common.device import Device, parse_device, resolve_device
+from mlc_engine.engine.models import DEFAULT_MODEL
 from mlc_engine.engine.runtime import KVCache, ModelRuntime
-from mlc_engine.frontend.text.tokenizer import Tokenizer
 
 TEXT = Path(__file__).parent / "data" / "pd_english.txt"
 QUANTIZATIONS = ["q4f32_1", "q0f32"]
@@ -45,24 +44,6 @@ class Result:
     compile_seconds: float | None  # None: the library was already cached
     prefill_tok_s: dict[int, float]  # by prompt length
     decode_tok_s: dict[int, float]  # by batch size, all sequences together
-
-
-def load(model: str, device: Device) -> tuple[ModelRuntime, Tokenizer, float | None]:
-    """The runtime and tokenizer for `model`, and the compile time when it was not cached."""
-    announced: set[str] = set()
-
-    def show(what: str, done: int, total: int) -> None:
-        if what not in announced:
-            announced.add(what)
-            console.print(f"[dim]{what}...[/dim]")
-
-    folder = prepare_model(model, device, show)
-    cached = library_path(ModelConfig.load(folder), tvm_target(device), device).is_file()
-    start = time.perf_counter()
-    lib = prepare_library(folder, device, progress=show)
-    compile_seconds = None if cached else time.perf_counter() - start
-    runtime = ModelRuntime(lib, folder, tvm_device(device))
-    return runtime, Tokenizer.from_folder(folder, runtime.config), compile_seconds
 
 
 def median_seconds(run: Callable[[], float], budget: float) -> float:

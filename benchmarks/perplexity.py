@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from loading import load
 from rich.console import Console
 from rich.table import Table
 
-from mlc_engine.common.device import Device, parse_device, resolve_device, tvm_device
-from mlc_engine.engine.models import DEFAULT_MODEL, prepare_library, prepare_model
+from mlc_engine.common.device import Device, parse_device, resolve_device
+from mlc_engine.engine.models import DEFAULT_MODEL
 from mlc_engine.engine.runtime import ModelRuntime
-from mlc_engine.frontend.text.tokenizer import Tokenizer
 
 TEXT = Path(__file__).parent / "data" / "pd_english.txt"
 QUANTIZATIONS = ["q0f32", "q4f32_1", "q4f32_m"]
@@ -46,21 +46,6 @@ class Result:
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll)
-
-
-def load(model: str, device: Device) -> tuple[ModelRuntime, Tokenizer]:
-    """The runtime and tokenizer for `model`, converting and compiling it when not cached."""
-    announced: set[str] = set()
-
-    def show(what: str, done: int, total: int) -> None:
-        if what not in announced:
-            announced.add(what)
-            console.print(f"[dim]{what}...[/dim]")
-
-    folder = prepare_model(model, device, show)
-    lib = prepare_library(folder, device, progress=show)
-    runtime = ModelRuntime(lib, folder, tvm_device(device))
-    return runtime, Tokenizer.from_folder(folder, runtime.config)
 
 
 def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -93,7 +78,7 @@ def evaluate(runtime: ModelRuntime, tokens: list[int]) -> tuple[float, int]:
 
 
 def measure(quantization: str, device: Device, max_tokens: int | None) -> Result:
-    runtime, tokenizer = load(f"{DEFAULT_MODEL}-{quantization}", device)
+    runtime, tokenizer, _ = load(f"{DEFAULT_MODEL}-{quantization}", device)
     tokens = tokenizer.encode(TEXT.read_text(encoding="utf-8"))
     limit = runtime.config.context_window_size
     if max_tokens is not None:
