@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import relax, tirx
+from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.model.kv_cache import create_paged_kv_cache
 from mlc_engine.engine.model.layers import Embedding, Linear
 from mlc_engine.engine.quantization import Quantization, get_quantization
 
@@ -124,31 +125,16 @@ class LlamaForCausalLM(nn.Module):
         page_size: tirx.Var,
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
-        c = self.config
-        return TIRPagedKVCache(
-            attn_kind="mha",
-            max_batch_size=max_batch_size,
-            max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size,
-            page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            qk_head_dim=c.head_dim,
-            v_head_dim=c.head_dim,
-            mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
-            rope_scale=1,
-            rope_theta=c.rope_theta,
-            rope_scaling=self.rope_scaling,
-            rope_ext_factors=relax.prim_value(0),  # no longrope factors
-            rotary_dim=c.head_dim,
-            enable_disaggregation=False,
-            dtype=self.dtype,
-            target=self.target,
+        return create_paged_kv_cache(
+            self.config,
+            self.dtype,
+            self.target,
+            max_batch_size,
+            max_total_seq_len,
+            prefill_chunk_size,
+            page_size,
+            support_sliding_window,
+            self.rope_scaling,
         )
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

@@ -1,0 +1,391 @@
+"""CPU attention kernels for TVM's paged KV cache, in place of TVM's reference ones.
+
+TVM's llvm kernels (`_attention_prefill_ragged_cpu`, `_attention_prefill_cpu`,
+`_attention_decode_cpu`) run on one thread, one scalar at a time, and re-derive every operand
+(RoPE included) inside the key loop. The kernels here take the same parameters and write the
+same outputs, and are faster because:
+- every (query token, query head) pair is an independent parallel task with its own scratch;
+- the query row is loaded and scaled once per task, not once per key;
+- keys stream by in tiles of one page (16): the tile's scores first, then a single
+  online-softmax rescale per tile rather than per key;
+- dot products and the weighted sum of values run in SIMD lanes along head_dim.
+
+For query token t of sequence b and query head h (reading kv head h // (h_q / h_kv)):
+- `attention_prefill_ragged`: over the keys/values b appends in this pass (`k`, `v`, ragged);
+- `attention_prefill_paged`: over the keys/values of b already in the paged cache;
+- `attention_decode_paged`: one query per sequence, over its keys/values in the paged cache.
+Each writes output[t, h] = softmax(q.k * sm_scale) @ v and lse[t, h], the log-sum-exp of the
+scores in base 2 (scores scaled by log2(e)), with which the runtime merges partial attentions.
+With causal set, query row r of a sequence with n queries and m keys sees keys 0 .. m - n + r.
+A query that sees no key gets output 0 and lse -5e4, as from TVM's kernels.
+
+RoPE is applied before the cache (`RopeMode.NORMAL`): the kernels refuse `rotary_mode != 0`.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+# TVM builds its CPU paged kernels for pages of 16 tokens; a tile of keys is one page.
+PAGE_SIZE = 16
+LOG2E = math.log2(math.e)
+# TVM's initial running maximum: below any real score, yet exp2 of it stays finite.
+NO_SCORE = -5e4
+
+
+# 2**f = sum (f ln 2)**n / n! on [-1/2, 1/2]: the terms past n = 7 are below 6e-9 relative.
+_EXP2_TERMS = [math.log(2) ** n / math.factorial(n) for n in range(8)]
+
+
+def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2**x for x <= 0 in plain arithmetic, so that LLVM vectorizes it (it calls libm's exp2f
+    once per element otherwise): 2**round(x) from exponent bits, times the series for the rest.
+    Below 2**-126 (no normal float) it is 0."""
+    clamped = T.max(x, T.float32(-126))
+    whole = T.floor(clamped + T.float32(0.5))
+    part = clamped - whole
+    series = T.float32(_EXP2_TERMS[-1])
+    for term in reversed(_EXP2_TERMS[:-1]):
+        series = series * part + T.float32(term)
+    power = T.reinterpret("float32", T.shift_left(T.cast(whole, "int32") + 127, 23))
+    return T.Select(x < T.float32(-126), T.float32(0), series * power)
+
+
+def _folded(i: tirx.PrimExpr, n: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Task order 0, n-1, 1, n-2, ...: under causal masking a query's cost grows with its
+    position, and the thread pool hands each thread a contiguous run of tasks."""
+    return T.if_then_else(i % 2 == 0, i // 2, n - 1 - i // 2)
+
+
+def _visible_keys(
+    causal: tirx.PrimExpr, row: tirx.PrimExpr, qo_len: tirx.PrimExpr, kv_len: tirx.PrimExpr
+) -> tirx.PrimExpr:
+    """How many of a sequence's first keys query `row` sees (the causal mask of TVM's kernels)."""
+    return T.if_then_else(causal > 0, T.max(T.min(kv_len - qo_len + row + 1, kv_len), 0), kv_len)
+
+
+def _paged_kv_len(
+    page_indptr: T.Buffer, last_page_len: T.Buffer, b: tirx.PrimExpr
+) -> tirx.PrimExpr:
+    """How many keys sequence b holds in the paged cache."""
+    pages = page_indptr[b + 1] - page_indptr[b]
+    return T.if_then_else(pages > 0, (pages - 1) * PAGE_SIZE + last_page_len[b], 0)
+
+
+def _tile(
+    source: T.Buffer, offset: tirx.PrimExpr, row_stride: int, width: int, dtype: str
+) -> T.Buffer:
+    """A [PAGE_SIZE, width] view of `source`'s data: a tile of key or value rows."""
+    return T.decl_buffer(
+        (PAGE_SIZE, width), dtype, data=source.data, strides=(row_stride, 1), elem_offset=offset
+    )
+
+
+# Slots of a task's `stats` scratch.
+MAX, NEW_MAX, TOTAL = 0, 1, 2
+
+
+def _scratch(d_qk: int, d_v: int, lanes: int) -> tuple[T.Buffer, ...]:
+    """One task's scratch, allocated inside the parallel loop so that each task has its own:
+    its scaled query, running output, a tile of scores, SIMD partial sums and `stats`."""
+    return (
+        T.sblock_alloc_buffer((d_qk,), "float32"),
+        T.sblock_alloc_buffer((d_v,), "float32"),
+        T.sblock_alloc_buffer((PAGE_SIZE,), "float32"),
+        T.sblock_alloc_buffer((lanes,), "float32"),
+        T.sblock_alloc_buffer((3,), "float32"),
+    )
+
+
+def _steps(d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
+    """The steps of one (query, head) task, shared by the kernels: they differ only in where
+    the task's keys and values live."""
+
+    @T.macro
+    def start(
+        query: T.Buffer,
+        out: T.Buffer,
+        stats: T.Buffer,
+        q: T.Buffer,
+        token: T.int32,
+        head: T.int32,
+        sm_scale: T.float32,
+    ) -> None:
+        for i in T.vectorized(d_qk):
+            query[i] = T.cast(q[token, head, i], "float32") * (sm_scale * LOG2E)
+        # One phantom key of score NO_SCORE: it vanishes once a real key is seen.
+        stats[MAX] = NO_SCORE
+        stats[TOTAL] = 1.0
+        for i in T.vectorized(d_v):
+            out[i] = 0.0
+
+    @T.macro
+    def attend_tile(
+        query: T.Buffer,
+        out: T.Buffer,
+        scores: T.Buffer,
+        partial: T.Buffer,
+        stats: T.Buffer,
+        keys: T.Buffer,
+        values: T.Buffer,
+        count: T.int32,
+    ) -> None:
+        """Fold the first `count` rows of a tile of keys and values into the running state."""
+        for j in T.serial(count):
+            for lane in T.vectorized(lanes):
+                partial[lane] = 0.0
+            for c in T.serial(d_qk // lanes):
+                for lane in T.vectorized(lanes):
+                    partial[lane] += query[c * lanes + lane] * T.cast(
+                        keys[j, c * lanes + lane], "float32"
+                    )
+            scores[j] = 0.0
+            for lane in T.serial(lanes):
+                scores[j] += partial[lane]
+        stats[NEW_MAX] = stats[MAX]
+        for j in T.serial(count):
+            stats[NEW_MAX] = T.max(stats[NEW_MAX], scores[j])
+        rescale = _exp2(stats[MAX] - stats[NEW_MAX])
+        stats[TOTAL] *= rescale
+        for i in T.vectorized(d_v):
+            out[i] *= rescale
+        for j in T.vectorized(PAGE_SIZE):
+            scores[j] = T.Select(j < count, _exp2(scores[j] - stats[NEW_MAX]), T.float32(0))
+        for j in T.serial(count):
+            stats[TOTAL] += scores[j]
+            for i in T.vectorized(d_v):
+                out[i] += scores[j] * T.cast(values[j, i], "float32")
+        stats[MAX] = stats[NEW_MAX]
+
+    @T.macro
+    def finish(
+        out: T.Buffer,
+        stats: T.Buffer,
+        output: T.Buffer,
+        lse: T.Buffer,
+        token: T.int32,
+        head: T.int32,
+    ) -> None:
+        for i in T.vectorized(d_v):
+            output[token, head, i] = T.cast(out[i] / stats[TOTAL], output.dtype)
+        lse[token, head] = stats[MAX] + T.log2(stats[TOTAL])
+
+    return SimpleNamespace(start=start, attend_tile=attend_tile, finish=finish)
+
+
+def attention_prefill_ragged(
+    h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, vector_lanes: int
+) -> tirx.PrimFunc:
+    """In place of TVM's `_attention_prefill_ragged_cpu`: attention among the new tokens."""
+    group = h_q // h_kv
+    lanes = math.gcd(d_qk, vector_lanes)
+    step = _steps(d_qk, d_v, lanes)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(
+        var_q: T.handle,  # [qo_len, h_q, d_qk]
+        var_q_indptr: T.handle,  # [batch_size + 1]
+        var_k: T.handle,  # [kv_len, h_kv, d_qk]
+        var_v: T.handle,  # [kv_len, h_kv, d_v]
+        var_kv_indptr: T.handle,  # [batch_size + 1]
+        var_q_rope_position: T.handle,  # [qo_len], unused: RoPE is applied already
+        var_k_rope_pos_offset: T.handle,  # [batch_size], unused
+        var_output: T.handle,  # [qo_len, h_q, d_v]
+        var_lse: T.handle,  # [qo_len, h_q]
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_q, d_qk), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        k = T.match_buffer(var_k, (kv_len, h_kv, d_qk), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d_v), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=T.int32())
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (qo_len, h_q, d_v), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+        assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
+
+        for task in T.parallel(qo_len * h_q):
+            with T.sblock("attend"):
+                T.reads()  # the rows a task touches depend on values it reads: declare none
+                T.writes()
+                query, out, scores, partial, stats = _scratch(d_qk, d_v, lanes)
+                token: T.let[T.int32] = _folded(task // h_q, qo_len)
+                h: T.let[T.int32] = task % h_q
+                for b in T.serial(batch_size):
+                    if q_indptr[b] <= token and token < q_indptr[b + 1]:
+                        n_keys: T.let[T.int32] = _visible_keys(
+                            causal,
+                            token - q_indptr[b],
+                            q_indptr[b + 1] - q_indptr[b],
+                            kv_indptr[b + 1] - kv_indptr[b],
+                        )
+                        step.start(query, out, stats, q, token, h, sm_scale)
+                        for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
+                            first = (kv_indptr[b] + tile * PAGE_SIZE) * h_kv + h // group
+                            keys = _tile(k, first * d_qk, h_kv * d_qk, d_qk, dtype)
+                            values = _tile(v, first * d_v, h_kv * d_v, d_v, dtype)
+                            count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
+                            step.attend_tile(
+                                query, out, scores, partial, stats, keys, values, count
+                            )
+                        step.finish(out, stats, output, lse, token, h)
+
+    return batch_prefill_ragged_kv
+
+
+def attention_prefill_paged(
+    h_kv: int, h_q: int, d: int, dtype: str, vector_lanes: int
+) -> tirx.PrimFunc:
+    """In place of TVM's `_attention_prefill_cpu` (no sliding window): the new tokens against
+    what their sequences hold in the paged cache."""
+    group = h_q // h_kv
+    lanes = math.gcd(d, vector_lanes)
+    step = _steps(d, d, lanes)
+    page_stride = h_kv * PAGE_SIZE * d  # elements from a page's K half to its V half
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu(
+        var_q: T.handle,  # [total_len, h_q, d]
+        var_q_indptr: T.handle,  # [batch_size + 1]
+        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        var_page_indptr: T.handle,  # [batch_size + 1]
+        var_page_values: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [batch_size]: keys in each sequence's last page
+        var_k_rope_pos_offset: T.handle,  # [batch_size], unused: RoPE is applied already
+        var_q_rope_position: T.handle,  # [total_len], unused
+        var_output: T.handle,  # [total_len, h_q, d]
+        var_lse: T.handle,  # [total_len, h_q]
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=T.int32())
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, PAGE_SIZE, d), dtype)
+        page_indptr = T.match_buffer(
+            var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32()
+        )
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        last_page_len = T.match_buffer(
+            var_length_info, (batch_size,), "int32", elem_offset=T.int32()
+        )
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
+        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+        assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
+
+        for task in T.parallel(total_len * h_q):
+            with T.sblock("attend"):
+                T.reads()  # the rows a task touches depend on values it reads: declare none
+                T.writes()
+                query, out, scores, partial, stats = _scratch(d, d, lanes)
+                token: T.let[T.int32] = _folded(task // h_q, total_len)
+                h: T.let[T.int32] = task % h_q
+                for b in T.serial(batch_size):
+                    if q_indptr[b] <= token and token < q_indptr[b + 1]:
+                        n_keys: T.let[T.int32] = _visible_keys(
+                            causal,
+                            token - q_indptr[b],
+                            q_indptr[b + 1] - q_indptr[b],
+                            _paged_kv_len(page_indptr, last_page_len, b),
+                        )
+                        step.start(query, out, stats, q, token, h, sm_scale)
+                        for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
+                            page = page_values[page_indptr[b] + tile]
+                            first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
+                            keys = _tile(pages, first, d, d, dtype)
+                            values = _tile(pages, first + page_stride, d, d, dtype)
+                            count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
+                            step.attend_tile(
+                                query, out, scores, partial, stats, keys, values, count
+                            )
+                        step.finish(out, stats, output, lse, token, h)
+
+    return batch_prefill_paged_kv_cpu
+
+
+def attention_decode_paged(
+    h_kv: int, h_q: int, d: int, dtype: str, vector_lanes: int
+) -> tirx.PrimFunc:
+    """In place of TVM's `_attention_decode_cpu` (no sliding window): each sequence's one new
+    token against everything the sequence holds in the paged cache."""
+    group = h_q // h_kv
+    lanes = math.gcd(d, vector_lanes)
+    step = _steps(d, d, lanes)
+    page_stride = h_kv * PAGE_SIZE * d
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv(
+        var_q: T.handle,  # [batch_size, h_q, d]
+        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        var_page_indptr: T.handle,  # [batch_size + 1]
+        var_page_values: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [batch_size]: keys in each sequence's last page
+        var_k_rope_pos_offset: T.handle,  # [batch_size], unused: RoPE is applied already
+        var_q_rope_position: T.handle,  # [batch_size], unused
+        var_output: T.handle,  # [batch_size, h_q, d]
+        var_lse: T.handle,  # [batch_size, h_q]
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, PAGE_SIZE, d), dtype)
+        page_indptr = T.match_buffer(
+            var_page_indptr, (batch_size + 1,), "int32", elem_offset=T.int32()
+        )
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=T.int32())
+        last_page_len = T.match_buffer(
+            var_length_info, (batch_size,), "int32", elem_offset=T.int32()
+        )
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=T.int32())
+        T.match_buffer(var_q_rope_position, (batch_size,), "int32", elem_offset=T.int32())
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
+
+        for task in T.parallel(batch_size * h_q):
+            with T.sblock("attend"):
+                T.reads()  # the rows a task touches depend on values it reads: declare none
+                T.writes()
+                query, out, scores, partial, stats = _scratch(d, d, lanes)
+                b: T.let[T.int32] = task // h_q
+                h: T.let[T.int32] = task % h_q
+                n_keys: T.let[T.int32] = _paged_kv_len(page_indptr, last_page_len, b)
+                step.start(query, out, stats, q, b, h, sm_scale)
+                for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
+                    page = page_values[page_indptr[b] + tile]
+                    first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
+                    keys = _tile(pages, first, d, d, dtype)
+                    values = _tile(pages, first + page_stride, d, d, dtype)
+                    count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
+                    step.attend_tile(query, out, scores, partial, stats, keys, values, count)
+                step.finish(out, stats, output, lse, b, h)
+
+    return batch_decode_paged_kv
