@@ -1,14 +1,16 @@
 """CPU attention kernels for TVM's paged KV cache, in place of TVM's reference ones.
 
 TVM's llvm kernels (`_attention_prefill_ragged_cpu`, `_attention_prefill_cpu`,
-`_attention_decode_cpu`) run on one thread, one scalar at a time, and re-derive every operand
-(RoPE included) inside the key loop. The kernels here take the same parameters and write the
-same outputs, and are faster because:
-- every (query token, query head) pair is an independent parallel task with its own scratch;
-- the query row is loaded and scaled once per task, not once per key;
+`_attention_decode_cpu`) run on one thread, one scalar at a time, re-derive every operand
+inside the key loop and call libm's exp2f for every score. The kernels here take the same
+parameters and write the same outputs, and are faster because:
+- a query token and the query heads that share one kv head form an independent parallel task,
+  with its own scratch; each key and value row is read once for all of those heads (decode
+  at long context is bound by reading the cache);
+- the query rows are loaded and scaled once per task, not once per key;
 - keys stream by in tiles of one page (16): the tile's scores first, then a single
-  online-softmax rescale per tile rather than per key;
-- dot products and the weighted sum of values run in SIMD lanes along head_dim.
+  online-softmax rescale per tile rather than per key, with a vectorized exp2;
+- dot products and the weighted sums of values run in SIMD lanes along head_dim.
 
 For query token t of sequence b and query head h (reading kv head h // (h_q / h_kv)):
 - `attention_prefill_ragged`: over the keys/values b appends in this pass (`k`, `v`, ragged);
@@ -85,25 +87,35 @@ def _tile(
     )
 
 
-# Slots of a task's `stats` scratch.
+# Slots of a task's `stats` scratch, per head.
 MAX, NEW_MAX, TOTAL = 0, 1, 2
+# TVM keeps a constant-size local buffer under this many bytes on the stack, where LLVM can keep
+# it in registers; a larger one is allocated on the heap.
+STACK_BYTES = 1024
 
 
-def _scratch(d_qk: int, d_v: int, lanes: int) -> tuple[T.Buffer, ...]:
+def _heads_per_task(group: int, width: int) -> int:
+    """How many of the query heads that share a kv head one task takes: as many as keep its
+    [heads, width] scratch on the stack. Each key and value row is then read once for them all."""
+    fits = [n for n in range(1, group + 1) if group % n == 0 and n * width * 4 < STACK_BYTES]
+    return max(fits, default=1)
+
+
+def _scratch(heads: int, d_qk: int, d_v: int, lanes: int) -> tuple[T.Buffer, ...]:
     """One task's scratch, allocated inside the parallel loop so that each task has its own:
-    its scaled query, running output, a tile of scores, SIMD partial sums and `stats`."""
+    per head, its scaled query, running output, a tile of scores, SIMD partial sums, `stats`."""
     return (
-        T.sblock_alloc_buffer((d_qk,), "float32"),
-        T.sblock_alloc_buffer((d_v,), "float32"),
-        T.sblock_alloc_buffer((PAGE_SIZE,), "float32"),
-        T.sblock_alloc_buffer((lanes,), "float32"),
-        T.sblock_alloc_buffer((3,), "float32"),
+        T.sblock_alloc_buffer((heads, d_qk), "float32"),
+        T.sblock_alloc_buffer((heads, d_v), "float32"),
+        T.sblock_alloc_buffer((heads, PAGE_SIZE), "float32"),
+        T.sblock_alloc_buffer((heads, lanes), "float32"),
+        T.sblock_alloc_buffer((heads, 3), "float32"),
     )
 
 
-def _steps(d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
-    """The steps of one (query, head) task, shared by the kernels: they differ only in where
-    the task's keys and values live."""
+def _steps(heads: int, d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
+    """The steps of one task (a query token, `heads` query heads of one kv head), shared by
+    the kernels: they differ only in where the task's keys and values live."""
 
     @T.macro
     def start(
@@ -115,51 +127,60 @@ def _steps(d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
         head: T.int32,
         sm_scale: T.float32,
     ) -> None:
-        for i in T.vectorized(d_qk):
-            query[i] = T.cast(q[token, head, i], "float32") * (sm_scale * LOG2E)
-        # One phantom key of score NO_SCORE: it vanishes once a real key is seen.
-        stats[MAX] = NO_SCORE
-        stats[TOTAL] = 1.0
-        for i in T.vectorized(d_v):
-            out[i] = 0.0
+        for g in T.serial(heads):
+            for i in T.vectorized(d_qk):
+                query[g, i] = T.cast(q[token, head + g, i], "float32") * (sm_scale * LOG2E)
+            for i in T.vectorized(d_v):
+                out[g, i] = 0.0
+            # One phantom key of score NO_SCORE: it vanishes once a real key is seen.
+            stats[g, MAX] = NO_SCORE
+            stats[g, TOTAL] = 1.0
 
     @T.macro
-    def attend_tile(
-        query: T.Buffer,
-        out: T.Buffer,
-        scores: T.Buffer,
-        partial: T.Buffer,
-        stats: T.Buffer,
-        keys: T.Buffer,
-        values: T.Buffer,
-        count: T.int32,
+    def score_tile(
+        query: T.Buffer, scores: T.Buffer, partial: T.Buffer, keys: T.Buffer, count: T.int32
     ) -> None:
-        """Fold the first `count` rows of a tile of keys and values into the running state."""
+        """scores[g, j] = query[g] . keys[j]: SIMD partial sums along head_dim, then their sum."""
         for j in T.serial(count):
-            for lane in T.vectorized(lanes):
-                partial[lane] = 0.0
-            for c in T.serial(d_qk // lanes):
+            for g in T.unroll(heads):
                 for lane in T.vectorized(lanes):
-                    partial[lane] += query[c * lanes + lane] * T.cast(
-                        keys[j, c * lanes + lane], "float32"
-                    )
-            scores[j] = 0.0
-            for lane in T.serial(lanes):
-                scores[j] += partial[lane]
-        stats[NEW_MAX] = stats[MAX]
-        for j in T.serial(count):
-            stats[NEW_MAX] = T.max(stats[NEW_MAX], scores[j])
-        rescale = _exp2(stats[MAX] - stats[NEW_MAX])
-        stats[TOTAL] *= rescale
-        for i in T.vectorized(d_v):
-            out[i] *= rescale
-        for j in T.vectorized(PAGE_SIZE):
-            scores[j] = T.Select(j < count, _exp2(scores[j] - stats[NEW_MAX]), T.float32(0))
-        for j in T.serial(count):
-            stats[TOTAL] += scores[j]
+                    partial[g, lane] = 0.0
+            for c in T.serial(d_qk // lanes):
+                for g in T.unroll(heads):
+                    for lane in T.vectorized(lanes):
+                        partial[g, lane] += query[g, c * lanes + lane] * T.cast(
+                            keys[j, c * lanes + lane], "float32"
+                        )
+            for g in T.unroll(heads):
+                scores[g, j] = 0.0
+                for lane in T.serial(lanes):
+                    scores[g, j] += partial[g, lane]
+
+    @T.macro
+    def fold_tile(
+        out: T.Buffer, scores: T.Buffer, stats: T.Buffer, values: T.Buffer, count: T.int32
+    ) -> None:
+        """Online softmax: rescale each head's running output to the tile's new maximum, then
+        add the tile's values weighted by exp2(score - maximum)."""
+        for g in T.serial(heads):
+            stats[g, NEW_MAX] = stats[g, MAX]
+            for j in T.serial(count):
+                stats[g, NEW_MAX] = T.max(stats[g, NEW_MAX], scores[g, j])
+            rescale = _exp2(stats[g, MAX] - stats[g, NEW_MAX])
+            stats[g, TOTAL] *= rescale
             for i in T.vectorized(d_v):
-                out[i] += scores[j] * T.cast(values[j, i], "float32")
-        stats[MAX] = stats[NEW_MAX]
+                out[g, i] *= rescale
+            for j in T.vectorized(PAGE_SIZE):
+                # Written out, not bound to a name: TVM 0.27 miscompiles a `let` inside a
+                # vectorized loop (here and in score_tile the results came out wrong).
+                scores[g, j] = T.Select(
+                    j < count, _exp2(scores[g, j] - stats[g, NEW_MAX]), T.float32(0)
+                )
+            for j in T.serial(count):
+                stats[g, TOTAL] += scores[g, j]
+                for i in T.vectorized(d_v):
+                    out[g, i] += scores[g, j] * T.cast(values[j, i], "float32")
+            stats[g, MAX] = stats[g, NEW_MAX]
 
     @T.macro
     def finish(
@@ -170,11 +191,12 @@ def _steps(d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
         token: T.int32,
         head: T.int32,
     ) -> None:
-        for i in T.vectorized(d_v):
-            output[token, head, i] = T.cast(out[i] / stats[TOTAL], output.dtype)
-        lse[token, head] = stats[MAX] + T.log2(stats[TOTAL])
+        for g in T.serial(heads):
+            for i in T.vectorized(d_v):
+                output[token, head + g, i] = T.cast(out[g, i] / stats[g, TOTAL], output.dtype)
+            lse[token, head + g] = stats[g, MAX] + T.log2(stats[g, TOTAL])
 
-    return SimpleNamespace(start=start, attend_tile=attend_tile, finish=finish)
+    return SimpleNamespace(start=start, score_tile=score_tile, fold_tile=fold_tile, finish=finish)
 
 
 def attention_prefill_ragged(
@@ -182,8 +204,10 @@ def attention_prefill_ragged(
 ) -> tirx.PrimFunc:
     """In place of TVM's `_attention_prefill_ragged_cpu`: attention among the new tokens."""
     group = h_q // h_kv
+    heads = _heads_per_task(group, max(d_qk, d_v))
     lanes = math.gcd(d_qk, vector_lanes)
-    step = _steps(d_qk, d_v, lanes)
+    step = _steps(heads, d_qk, d_v, lanes)
+    blocks = h_q // heads  # tasks per query token
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -217,13 +241,13 @@ def attention_prefill_ragged(
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
-        for task in T.parallel(qo_len * h_q):
+        for task in T.parallel(qo_len * blocks):
             with T.sblock("attend"):
                 T.reads()  # the rows a task touches depend on values it reads: declare none
                 T.writes()
-                query, out, scores, partial, stats = _scratch(d_qk, d_v, lanes)
-                token: T.let[T.int32] = _folded(task // h_q, qo_len)
-                h: T.let[T.int32] = task % h_q
+                query, out, scores, partial, stats = _scratch(heads, d_qk, d_v, lanes)
+                token: T.let[T.int32] = _folded(task // blocks, qo_len)
+                h: T.let[T.int32] = task % blocks * heads  # its first head
                 for b in T.serial(batch_size):
                     if q_indptr[b] <= token and token < q_indptr[b + 1]:
                         n_keys: T.let[T.int32] = _visible_keys(
@@ -238,9 +262,8 @@ def attention_prefill_ragged(
                             keys = _tile(k, first * d_qk, h_kv * d_qk, d_qk, dtype)
                             values = _tile(v, first * d_v, h_kv * d_v, d_v, dtype)
                             count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
-                            step.attend_tile(
-                                query, out, scores, partial, stats, keys, values, count
-                            )
+                            step.score_tile(query, scores, partial, keys, count)
+                            step.fold_tile(out, scores, stats, values, count)
                         step.finish(out, stats, output, lse, token, h)
 
     return batch_prefill_ragged_kv
@@ -252,8 +275,10 @@ def attention_prefill_paged(
     """In place of TVM's `_attention_prefill_cpu` (no sliding window): the new tokens against
     what their sequences hold in the paged cache."""
     group = h_q // h_kv
+    heads = _heads_per_task(group, d)
     lanes = math.gcd(d, vector_lanes)
-    step = _steps(d, d, lanes)
+    step = _steps(heads, d, d, lanes)
+    blocks = h_q // heads  # tasks per query token
     page_stride = h_kv * PAGE_SIZE * d  # elements from a page's K half to its V half
 
     @T.prim_func(s_tir=True)
@@ -295,13 +320,13 @@ def attention_prefill_paged(
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
-        for task in T.parallel(total_len * h_q):
+        for task in T.parallel(total_len * blocks):
             with T.sblock("attend"):
                 T.reads()  # the rows a task touches depend on values it reads: declare none
                 T.writes()
-                query, out, scores, partial, stats = _scratch(d, d, lanes)
-                token: T.let[T.int32] = _folded(task // h_q, total_len)
-                h: T.let[T.int32] = task % h_q
+                query, out, scores, partial, stats = _scratch(heads, d, d, lanes)
+                token: T.let[T.int32] = _folded(task // blocks, total_len)
+                h: T.let[T.int32] = task % blocks * heads  # its first head
                 for b in T.serial(batch_size):
                     if q_indptr[b] <= token and token < q_indptr[b + 1]:
                         n_keys: T.let[T.int32] = _visible_keys(
@@ -317,9 +342,8 @@ def attention_prefill_paged(
                             keys = _tile(pages, first, d, d, dtype)
                             values = _tile(pages, first + page_stride, d, d, dtype)
                             count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
-                            step.attend_tile(
-                                query, out, scores, partial, stats, keys, values, count
-                            )
+                            step.score_tile(query, scores, partial, keys, count)
+                            step.fold_tile(out, scores, stats, values, count)
                         step.finish(out, stats, output, lse, token, h)
 
     return batch_prefill_paged_kv_cpu
@@ -331,8 +355,10 @@ def attention_decode_paged(
     """In place of TVM's `_attention_decode_cpu` (no sliding window): each sequence's one new
     token against everything the sequence holds in the paged cache."""
     group = h_q // h_kv
+    heads = _heads_per_task(group, d)
     lanes = math.gcd(d, vector_lanes)
-    step = _steps(d, d, lanes)
+    step = _steps(heads, d, d, lanes)
+    blocks = h_q // heads  # tasks per query token
     page_stride = h_kv * PAGE_SIZE * d
 
     @T.prim_func(s_tir=True)
@@ -370,13 +396,13 @@ def attention_decode_paged(
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
-        for task in T.parallel(batch_size * h_q):
+        for task in T.parallel(batch_size * blocks):
             with T.sblock("attend"):
                 T.reads()  # the rows a task touches depend on values it reads: declare none
                 T.writes()
-                query, out, scores, partial, stats = _scratch(d, d, lanes)
-                b: T.let[T.int32] = task // h_q
-                h: T.let[T.int32] = task % h_q
+                query, out, scores, partial, stats = _scratch(heads, d, d, lanes)
+                b: T.let[T.int32] = task // blocks
+                h: T.let[T.int32] = task % blocks * heads  # its first head
                 n_keys: T.let[T.int32] = _paged_kv_len(page_indptr, last_page_len, b)
                 step.start(query, out, stats, q, b, h, sm_scale)
                 for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
@@ -385,7 +411,8 @@ def attention_decode_paged(
                     keys = _tile(pages, first, d, d, dtype)
                     values = _tile(pages, first + page_stride, d, d, dtype)
                     count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
-                    step.attend_tile(query, out, scores, partial, stats, keys, values, count)
+                    step.score_tile(query, scores, partial, keys, count)
+                    step.fold_tile(out, scores, stats, values, count)
                 step.finish(out, stats, output, lse, b, h)
 
     return batch_decode_paged_kv
