@@ -58,7 +58,8 @@ def prepare_model(model: str | None, device: Device, progress: Progress = _no_pr
     """The model folder for `--model` (None: the default model), converting the default model
     into the cache when it is asked for and not there yet."""
     if model is None:
-        model = f"{DEFAULT_MODEL}-{default_quantization(device)}"
+        concrete = resolve_device(device) if device.kind == "auto" else device
+        model = f"{DEFAULT_MODEL}-{default_quantization(concrete)}"
     try:
         return resolve_model(model)
     except ModelNotFoundError:
