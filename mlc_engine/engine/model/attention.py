@@ -57,6 +57,15 @@ def _exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
     return T.Select(x < T.float32(-126), T.float32(0), series * power)
 
 
+def _pairwise_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The sum of a power-of-two number of terms as a balanced tree: a chain of log2(n)
+    additions rather than n."""
+    while len(terms) > 1:
+        half = len(terms) // 2
+        terms = [a + b for a, b in zip(terms[:half], terms[half:], strict=True)]
+    return terms[0]
+
+
 def _folded(i: tirx.PrimExpr, n: tirx.PrimExpr) -> tirx.PrimExpr:
     """Task order 0, n-1, 1, n-2, ...: under causal masking a query's cost grows with its
     position, and the thread pool hands each thread a contiguous run of tasks."""
@@ -92,6 +101,12 @@ MAX, NEW_MAX, TOTAL = 0, 1, 2
 # TVM keeps a constant-size local buffer under this many bytes on the stack, where LLVM can keep
 # it in registers; a larger one is allocated on the heap.
 STACK_BYTES = 1024
+
+
+def _partial_lanes(head_dim: int, vector_lanes: int) -> int:
+    """Partial sums of a dot product, one per lane: two SIMD registers' worth, so that two
+    chains of multiply-adds run side by side."""
+    return math.gcd(head_dim, 2 * vector_lanes)
 
 
 def _heads_per_task(group: int, width: int) -> int:
@@ -152,9 +167,7 @@ def _steps(heads: int, d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
                             keys[j, c * lanes + lane], "float32"
                         )
             for g in T.unroll(heads):
-                scores[g, j] = 0.0
-                for lane in T.serial(lanes):
-                    scores[g, j] += partial[g, lane]
+                scores[g, j] = _pairwise_sum([partial[g, lane] for lane in range(lanes)])
 
     @T.macro
     def fold_tile(
@@ -205,7 +218,7 @@ def attention_prefill_ragged(
     """In place of TVM's `_attention_prefill_ragged_cpu`: attention among the new tokens."""
     group = h_q // h_kv
     heads = _heads_per_task(group, max(d_qk, d_v))
-    lanes = math.gcd(d_qk, vector_lanes)
+    lanes = _partial_lanes(d_qk, vector_lanes)
     step = _steps(heads, d_qk, d_v, lanes)
     blocks = h_q // heads  # tasks per query token
 
@@ -276,7 +289,7 @@ def attention_prefill_paged(
     what their sequences hold in the paged cache."""
     group = h_q // h_kv
     heads = _heads_per_task(group, d)
-    lanes = math.gcd(d, vector_lanes)
+    lanes = _partial_lanes(d, vector_lanes)
     step = _steps(heads, d, d, lanes)
     blocks = h_q // heads  # tasks per query token
     page_stride = h_kv * PAGE_SIZE * d  # elements from a page's K half to its V half
@@ -356,7 +369,7 @@ def attention_decode_paged(
     token against everything the sequence holds in the paged cache."""
     group = h_q // h_kv
     heads = _heads_per_task(group, d)
-    lanes = math.gcd(d, vector_lanes)
+    lanes = _partial_lanes(d, vector_lanes)
     step = _steps(heads, d, d, lanes)
     blocks = h_q // heads  # tasks per query token
     page_stride = h_kv * PAGE_SIZE * d

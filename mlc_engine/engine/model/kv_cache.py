@@ -1,16 +1,17 @@
 """The paged KV cache of our models: TVM's `TIRPagedKVCache`, with our attention kernels on CPU.
 
 TVM builds the cache's kernels into the module being exported and hands them to the runtime
-(`vm.builtin.paged_attention_kv_cache_create`). For llvm targets we then swap three of them,
-by the names TVM gives them, for the faster ones in `attention.py`, which take the same
-arguments; on other targets TVM's kernels stay as they are.
+(`vm.builtin.paged_attention_kv_cache_create`). For llvm targets we then swap, by the names
+TVM gives them, its three attention kernels for the faster ones in `attention.py` (same
+arguments, same results) and its RoPE kernel for a parallel schedule of itself. On other
+targets TVM's kernels stay as they are.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
@@ -21,6 +22,12 @@ from mlc_engine.engine.model.attention import (
     attention_prefill_ragged,
 )
 from mlc_engine.engine.schedule import vector_lanes
+
+# The names `TIRPagedKVCache` gives the kernels we replace on llvm targets.
+RAGGED_PREFILL = "tir_attention_prefill_ragged_cpu"
+PAGED_PREFILL = "tir_attention_prefill_cpu"
+PAGED_DECODE = "tir_attention_decode_cpu"
+ROPE = "tir_split_rotary"
 
 
 def create_paged_kv_cache(
@@ -62,23 +69,35 @@ def create_paged_kv_cache(
         target=target,
     )
     if target.kind.name == "llvm":
-        _use_our_cpu_attention(config, dtype, target)
+        _use_our_cpu_kernels(config, dtype, target)
     return cache
 
 
-def _use_our_cpu_attention(config: ModelConfig, dtype: str, target: Target) -> None:
-    """Replace TVM's CPU attention kernels, which `TIRPagedKVCache` just added to the module.
-    The sliding-window and tree-attention variants stay TVM's: our models use neither."""
+def _use_our_cpu_kernels(config: ModelConfig, dtype: str, target: Target) -> None:
+    """Replace TVM's CPU attention kernels, which `TIRPagedKVCache` just added to the module,
+    and run its RoPE kernel in parallel. The sliding-window and tree-attention variants stay
+    TVM's: our models use neither."""
     h_kv, h_q, d = config.num_key_value_heads, config.num_attention_heads, config.head_dim
     lanes = vector_lanes(target)
-    ours = {
-        "tir_attention_prefill_ragged_cpu": attention_prefill_ragged(h_kv, h_q, d, d, dtype, lanes),
-        "tir_attention_prefill_cpu": attention_prefill_paged(h_kv, h_q, d, dtype, lanes),
-        "tir_attention_decode_cpu": attention_decode_paged(h_kv, h_q, d, dtype, lanes),
-    }
     builder = relax.BlockBuilder.current()
     added = {gvar.name_hint: gvar for gvar in builder.get().get_global_vars()}
+    missing = {RAGGED_PREFILL, PAGED_PREFILL, PAGED_DECODE, ROPE} - added.keys()
+    if missing:
+        raise RuntimeError(f"TIRPagedKVCache no longer adds kernels named {sorted(missing)}")
+    ours = {
+        RAGGED_PREFILL: attention_prefill_ragged(h_kv, h_q, d, d, dtype, lanes),
+        PAGED_PREFILL: attention_prefill_paged(h_kv, h_q, d, dtype, lanes),
+        PAGED_DECODE: attention_decode_paged(h_kv, h_q, d, dtype, lanes),
+        ROPE: _parallel_rope(builder.get()[added[ROPE]]),
+    }
     for name, kernel in ours.items():
-        if name not in added:
-            raise RuntimeError(f"TIRPagedKVCache no longer adds a kernel named {name!r}")
         builder.update_func(added[name], kernel)
+
+
+def _parallel_rope(rope: tirx.PrimFunc) -> tirx.PrimFunc:
+    """TVM's RoPE kernel (`llama_rope_with_position_map`) unchanged, but with its (token, head)
+    loops run in parallel: it computes a power and a sine per element, one thread otherwise."""
+    sch = s_tir.Schedule(rope)
+    token, head, _ = sch.get_loops(sch.get_sblock("llama_fused_rope"))
+    sch.parallel(sch.fuse(token, head))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
