@@ -15,8 +15,11 @@ from mlc_engine.frontend.text import Tokenizer
 console = Console(stderr=True)
 
 
-def load(model: str, device: Device) -> tuple[ModelRuntime, Tokenizer, float | None]:
-    """The runtime and tokenizer for `model`, and the compile time when it was not cached."""
+def load(
+    model: str, device: Device, num_threads: int | None = None
+) -> tuple[ModelRuntime, Tokenizer, float | None]:
+    """The runtime and tokenizer for `model`, and the compile time when it was not cached.
+    `num_threads` sizes the CPU thread pool (None: every core this process may use)."""
     announced: set[str] = set()
 
     def show(what: str, done: int, total: int) -> None:
@@ -29,5 +32,5 @@ def load(model: str, device: Device) -> tuple[ModelRuntime, Tokenizer, float | N
     start = time.perf_counter()
     lib = prepare_library(folder, device, progress=show)
     compile_seconds = None if cached else time.perf_counter() - start
-    runtime = ModelRuntime(lib, folder, tvm_device(device))
+    runtime = ModelRuntime(lib, folder, tvm_device(device), num_threads)
     return runtime, Tokenizer.from_folder(folder, runtime.config), compile_seconds
