@@ -20,6 +20,7 @@ from tvm.runtime import ShapeTuple
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.errors import ModelLibraryError
 from mlc_engine.engine.compiler import METADATA_FUNCTION, library_metadata
+from mlc_engine.engine.model.attention import PAGE_SIZE
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 
 PARAMS_FILE = "params.safetensors"
@@ -128,12 +129,13 @@ class ModelRuntime:
         max_num_seqs: int,
         max_total_tokens: int,
         prefill_chunk_size: int | None = None,
-        page_size: int = 16,
     ) -> KVCache:
+        """A cache for up to `max_num_seqs` sequences and `max_total_tokens` tokens in all, in
+        pages of PAGE_SIZE tokens (the compiled attention kernels assume that size)."""
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
-        sizes = (max_num_seqs, max_total_tokens, chunk, page_size, 0)
+        sizes = (max_num_seqs, max_total_tokens, chunk, PAGE_SIZE, 0)
         handle = self.vm["create_kv_cache"](*(ShapeTuple([size]) for size in sizes))
-        cache = KVCache(handle, page_size, 0)
+        cache = KVCache(handle, PAGE_SIZE, 0)
         cache.num_pages = cache.free_pages()
         return cache
 

@@ -158,9 +158,9 @@ def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -
 
 def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:
     runtime = tiny_model("q0f32").runtime
-    kv = runtime.create_kv_cache(4, 512, 128, page_size=16)
+    kv = runtime.create_kv_cache(4, 512, 128)
     kv.add_sequence(0)
-    prompt = list(range(40))  # two full pages and a partial one
+    prompt = list(range(40))  # two full pages of 16 and a partial one
     runtime.prefill(kv, [0], [prompt])
     pages_before_fork = kv.free_pages()
     kv.fork_sequence(0, 1)
@@ -177,11 +177,12 @@ def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None
 
 def test_removing_sequences_returns_their_pages(tiny_model: Callable) -> None:
     runtime = tiny_model("q0f32").runtime
-    kv = runtime.create_kv_cache(4, 512, 128, page_size=16)
+    kv = runtime.create_kv_cache(4, 512, 128)
     idle = kv.free_pages()
     assert idle == kv.num_pages > 0
     kv.add_sequence(0)
     runtime.prefill(kv, [0], [list(range(40))])
+    assert kv.page_size == 16
     assert kv.free_pages() == idle - 3  # 40 tokens in pages of 16
     assert kv.total_sequence_length() == 40
     kv.remove_sequence(0)
