@@ -16,6 +16,7 @@ from typing import Any
 
 import tvm
 from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as generic
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine.model.llama import LlamaForCausalLM
@@ -50,44 +51,30 @@ def library_key(config: ModelConfig, target: tvm.target.Target) -> str:
 
 
 def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The whole relax pipeline, chosen pass by pass: relax's default one fuses operators a second
-    time after our schedules, which unschedules the matmuls."""
-    passes = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
+    """TVM's CPU pipeline with our schedules between legalization and lowering. (tvm.compile's
+    default pipeline would fuse operators a second time, after the schedules, unscheduling the
+    matmuls.)"""
     if target.kind.name == "llvm":
-        passes.append(schedule_cpu_kernels(target))
+        schedule = schedule_cpu_kernels(target)
     else:
         from tvm.s_tir import dlight as dl
 
-        passes.append(
-            dl.ApplyDefaultSchedule(
-                dl.gpu.Matmul(),
-                dl.gpu.GEMV(),
-                dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(),
-                dl.gpu.Fallback(),
-            )
+        schedule = dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(),
+            dl.gpu.GEMV(),
+            dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(),
+            dl.gpu.Fallback(),
         )
-    passes += [
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-        relax.transform.StaticPlanBlockMemory(),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ]
-    return tvm.transform.Sequential(passes)
+    return tvm.transform.Sequential(
+        [
+            *generic.legalize_passes(target),
+            relax.transform.DeadCodeElimination(),
+            schedule,
+            *generic.dataflow_lower_passes(target),
+            *generic.finalize_passes(target),
+        ]
+    )
 
 
 METADATA_FUNCTION = "_metadata"
