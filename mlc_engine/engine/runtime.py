@@ -52,10 +52,11 @@ class KVCache:
     _free_pages = _builtin("attention_kv_cache_get_num_available_pages")
     _total_length = _builtin("attention_kv_cache_get_total_sequence_length")
 
-    def __init__(self, handle: tvm.runtime.Object, page_size: int, num_pages: int):
+    page_size = PAGE_SIZE
+
+    def __init__(self, handle: tvm.runtime.Object):
         self.handle = handle
-        self.page_size = page_size
-        self.num_pages = num_pages
+        self.num_pages = self.free_pages()  # all of them, while the cache is empty
 
     def add_sequence(self, seq_id: int) -> None:
         self._add(self.handle, seq_id)
@@ -134,10 +135,7 @@ class ModelRuntime:
         pages of PAGE_SIZE tokens (the compiled attention kernels assume that size)."""
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
         sizes = (max_num_seqs, max_total_tokens, chunk, PAGE_SIZE, 0)
-        handle = self.vm["create_kv_cache"](*(ShapeTuple([size]) for size in sizes))
-        cache = KVCache(handle, PAGE_SIZE, 0)
-        cache.num_pages = cache.free_pages()
-        return cache
+        return KVCache(self.vm["create_kv_cache"](*(ShapeTuple([size]) for size in sizes)))
 
     def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(array, self.device)
