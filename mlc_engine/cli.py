@@ -224,9 +224,9 @@ def chat_command(
             console.print(f"[red]error:[/red] {error}")
             messages.pop()
             continue
-        reply += detokenizer.flush()
-        sys.stdout.write(detokenizer.flush() + "\n")
-        messages.append({"role": "assistant", "content": reply})
+        tail = detokenizer.flush()
+        sys.stdout.write(tail + "\n")
+        messages.append({"role": "assistant", "content": reply + tail})
 
 
 def main() -> None:
