@@ -1,0 +1,176 @@
+"""Runs one workload against every server, level by level, the servers taking turns.
+
+Servers never run at the same time (they would compete for the same cores); instead each load
+level's requests are split into rounds and the servers take turns, in the order A B, B A, A B...,
+so that whatever else the machine does in that time weighs on all of them alike. Every server
+gets the same prompts and, at a request rate, the same arrival times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from mlc_engine.bench.client import RequestResult, request_body, stream_request
+from mlc_engine.bench.metrics import Batch, Summary, summarize
+from mlc_engine.bench.workload import (
+    DEFAULT_TEXT,
+    LoadLevel,
+    PromptSource,
+    Workload,
+    arrival_offsets,
+)
+
+WARMUP_TOKENS = 8
+CONNECT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under test: its base URL (without /v1) and the model name it is asked for."""
+
+    url: str
+    model: str
+
+
+@dataclass
+class LevelResult:
+    """One load level: each server's summary (in the order of the targets) and raw batches."""
+
+    level: LoadLevel
+    summaries: list[Summary]
+    batches: dict[str, list[Batch]]  # by server URL
+
+
+@dataclass
+class BenchmarkResult:
+    """Everything one run measured."""
+
+    workload: Workload
+    targets: list[Target]
+    levels: list[LevelResult]
+
+
+def turn_order(servers: int, round_index: int) -> list[int]:
+    """Which server goes when in a round: forward in even rounds, backward in odd ones."""
+    order = list(range(servers))
+    return order if round_index % 2 == 0 else order[::-1]
+
+
+def round_indices(num_requests: int, rounds: int) -> list[range]:
+    """The prompt indices of each round, as even as possible (empty rounds are dropped)."""
+    bounds = [num_requests * r // rounds for r in range(rounds + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+async def _model_of(client: httpx.AsyncClient, url: str) -> str:
+    """The first model the server lists; servers serving a single model ignore the name anyway."""
+    try:
+        response = await client.get(url + "/v1/models")
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+        raise ConnectionError(f"{url}/v1/models: {error or type(error).__name__}") from None
+
+
+async def _batch(
+    client: httpx.AsyncClient,
+    target: Target,
+    workload: Workload,
+    level: LoadLevel,
+    prompts: list[tuple[int, str]],
+    offsets: list[float],
+    seconds: float,
+) -> Batch:
+    limit = asyncio.Semaphore(level.concurrency or len(prompts))
+    results = [RequestResult(target.url, level.label, index) for index, _ in prompts]
+    start = time.perf_counter()
+
+    async def send(result: RequestResult, prompt: str, offset: float) -> None:
+        await asyncio.sleep(offset)
+        async with limit:
+            result.sent_at = time.perf_counter() - start
+            body = request_body(workload.endpoint, target.model, prompt, workload.output_tokens)
+            await stream_request(client, target.url, workload.endpoint, body, result)
+
+    tasks = [
+        asyncio.create_task(send(result, prompt, offset))
+        for result, (_, prompt), offset in zip(results, prompts, offsets, strict=True)
+    ]
+    done, pending = await asyncio.wait(tasks, timeout=seconds)
+    duration = time.perf_counter() - start
+    for task in pending:
+        task.cancel()  # closes its connection, so the server can drop the request too
+    await asyncio.gather(*pending, return_exceptions=True)
+    finished = [result for result, task in zip(results, tasks, strict=True) if task in done]
+    return Batch(finished, duration, len(pending))
+
+
+async def _run(
+    urls: list[str],
+    workload: Workload,
+    levels: list[LoadLevel],
+    model: str | None,
+    source: PromptSource,
+    progress: Callable[[str], None],
+) -> BenchmarkResult:
+    # trust_env=False: no proxy from the environment, requests go only to the URLs given.
+    timeout = httpx.Timeout(workload.max_seconds, connect=CONNECT_SECONDS)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        targets = [Target(url, model or await _model_of(client, url)) for url in urls]
+        for target in targets:  # the first request may load or compile something: not counted
+            warmup = RequestResult(target.url, "warm-up", 0)
+            body = request_body(
+                workload.endpoint, target.model, source.prompt(0, 16), WARMUP_TOKENS
+            )
+            await stream_request(client, target.url, workload.endpoint, body, warmup)
+            if not warmup.ok:
+                raise ConnectionError(f"{target.url} failed its warm-up request: {warmup.error}")
+        results = []
+        for level in levels:
+            batches: dict[str, list[Batch]] = {target.url: [] for target in targets}
+            rounds = round_indices(workload.num_requests, workload.rounds)
+            for round_index, indices in enumerate(rounds):
+                prompts = [(i, source.prompt(i, workload.input_words)) for i in indices]
+                rng = random.Random(f"{workload.seed}/{level.label}/{round_index}")
+                offsets = arrival_offsets(level, len(prompts), rng)
+                for server in turn_order(len(targets), round_index):
+                    target = targets[server]
+                    seconds = workload.max_seconds / len(rounds)
+                    batch = await _batch(client, target, workload, level, prompts, offsets, seconds)
+                    batches[target.url].append(batch)
+                    progress(
+                        f"{level.label} round {round_index + 1}/{len(rounds)} {target.url}: "
+                        f"{len(batch.results)} ended, {batch.unfinished} cut off, "
+                        f"{batch.duration:.1f} s"
+                    )
+            summaries = [
+                summarize(t.url, level.label, batches[t.url], workload.output_tokens)
+                for t in targets
+            ]
+            results.append(LevelResult(level, summaries, batches))
+    return BenchmarkResult(workload, targets, results)
+
+
+def run_benchmark(
+    urls: list[str],
+    workload: Workload,
+    levels: list[LoadLevel],
+    model: str | None = None,
+    source: PromptSource | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> BenchmarkResult:
+    """Run `workload` at each level against each base URL; the first URL is the baseline.
+
+    `model` names the model in every request; by default each server's first listed model.
+    Raises ConnectionError when a server does not answer its warm-up request.
+    """
+    source = source or PromptSource.from_file(DEFAULT_TEXT)
+    bases = [url.rstrip("/").removesuffix("/v1") for url in urls]
+    return asyncio.run(_run(bases, workload, levels, model, source, progress))

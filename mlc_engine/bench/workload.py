@@ -1,0 +1,103 @@
+"""What the benchmark sends: prompts of a set length, load levels and arrival times.
+
+Input length is counted in words of the source text (runs of non-space characters), not in
+tokens: the harness has no tokenizer of its own, and each server tokenizes differently. For
+English text and the BPE vocabularies of small LLMs a word is about 1.3 tokens; the servers'
+own count (`usage.prompt_tokens`, chat template included) is recorded for every request.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "pd_english.txt"
+ENDPOINTS = ("chat", "completions")
+
+# Request i starts i * STRIDE words into the text (wrapping around): successive prompts share no
+# prefix, so a server's prefix cache cannot skip their prefill. Prime, so that offsets repeat
+# only after as many requests as the text has words.
+STRIDE = 997
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests each server gets at each load level, the same for every server."""
+
+    endpoint: str  # "chat" (/v1/chat/completions) or "completions" (/v1/completions)
+    input_words: int  # prompt length in words of the text
+    output_tokens: int  # max_tokens, with ignore_eos so that servers that know it reach it
+    num_requests: int  # per server and load level
+    max_seconds: float  # per server and load level, all its rounds together
+    rounds: int = 2  # each level's requests are split into this many turns per server
+    seed: int = 0  # Poisson arrival times
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}: {self.endpoint!r}")
+        if min(self.input_words, self.output_tokens, self.num_requests, self.rounds) < 1:
+            raise ValueError("input words, output tokens, requests and rounds must be positive")
+        if self.max_seconds <= 0:
+            raise ValueError("the time limit must be positive")
+
+
+@dataclass(frozen=True)
+class LoadLevel:
+    """Either a fixed number of requests in flight or Poisson arrivals at a rate."""
+
+    concurrency: int | None = None  # closed loop: a new request as soon as one ends
+    rate: float | None = None  # open loop: requests per second, however many are in flight
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("a load level has either a concurrency or a request rate")
+        if (self.concurrency or self.rate or 0) <= 0:
+            raise ValueError(f"load levels must be positive: {self.label}")
+
+    @property
+    def label(self) -> str:
+        return f"c={self.concurrency}" if self.rate is None else f"rate={self.rate:g}/s"
+
+
+def parse_levels(concurrency: str | None, rates: str | None) -> list[LoadLevel]:
+    """Load levels from comma-separated lists: "1,4,16,64" concurrencies or "0.5,2" rates."""
+    if (concurrency is None) == (rates is None):
+        raise ValueError("give either concurrency levels or request rates")
+    if rates is not None:
+        return [LoadLevel(rate=float(part)) for part in rates.split(",")]
+    assert concurrency is not None
+    return [LoadLevel(concurrency=int(part)) for part in concurrency.split(",")]
+
+
+def arrival_offsets(level: LoadLevel, count: int, rng: random.Random) -> list[float]:
+    """Seconds after the start at which each of `count` requests may be sent.
+
+    Closed loop: all at once, the concurrency limit holds them back. Open loop: exponential
+    gaps of mean 1 / rate, the first request at once.
+    """
+    if level.rate is None:
+        return [0.0] * count
+    offsets, now = [], 0.0
+    for _ in range(count):
+        offsets.append(now)
+        now += rng.expovariate(level.rate)
+    return offsets
+
+
+class PromptSource:
+    """Prompts cut from a text file, each `length` words long, a different place per request."""
+
+    def __init__(self, text: str) -> None:
+        self.words = text.split()
+        if not self.words:
+            raise ValueError("the prompt text is empty")
+
+    @classmethod
+    def from_file(cls, path: Path = DEFAULT_TEXT) -> PromptSource:
+        return cls(path.read_text(encoding="utf-8"))
+
+    def prompt(self, index: int, length: int) -> str:
+        """The prompt of request `index`: `length` words from its own offset, wrapping around."""
+        start = index * STRIDE
+        return " ".join(self.words[(start + i) % len(self.words)] for i in range(length))
