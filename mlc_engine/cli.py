@@ -1,4 +1,4 @@
-"""The `mlc-engine` command line: convert, compile, generate and chat."""
+"""The `mlc-engine` command line: convert, compile, generate, chat and bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from mlc_engine.bench.command import bench_command
 from mlc_engine.common.device import Device, parse_device
 from mlc_engine.common.errors import MLCEngineError
 
@@ -227,6 +228,10 @@ def chat_command(
         tail = detokenizer.flush()
         sys.stdout.write(tail + "\n")
         messages.append({"role": "assistant", "content": reply + tail})
+
+
+# The serving benchmark's options live beside it, shared with benchmarks/serving.py.
+app.command("bench")(bench_command)
 
 
 def main() -> None:
