@@ -234,5 +234,48 @@ def chat_command(
 app.command("bench")(bench_command)
 
 
+@app.command("engine")
+def engine_command(
+    input_endpoint: Annotated[
+        str,
+        typer.Option("--input", help="ZeroMQ endpoint to bind for requests (ipc:// or tcp://)."),
+    ],
+    output_endpoint: Annotated[
+        str, typer.Option("--output", help="ZeroMQ endpoint to bind for outputs (PUB).")
+    ],
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    lib_path: LibOption = None,
+    num_threads: ThreadsOption = None,
+    max_num_seqs: Annotated[
+        int, typer.Option("--max-num-seqs", min=1, help="Sequences decoded together, at most.")
+    ] = 32,
+    max_total_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-total-tokens", min=0, help="KV cache size in tokens (0: a default by model)."
+        ),
+    ] = 0,
+    max_batch_tokens: Annotated[
+        int,
+        typer.Option("--max-batch-tokens", min=16, help="Tokens computed per step, at most."),
+    ] = 512,
+) -> None:
+    """Run one engine process: continuous batching on one device, served over ZeroMQ."""
+    import logging
+
+    from mlc_engine.engine.core import EngineConfig
+    from mlc_engine.engine.process import run_engine
+
+    logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
+    config = EngineConfig(max_num_seqs, max_total_tokens, max_batch_tokens)
+    try:
+        run_engine(
+            model, _device(device), input_endpoint, output_endpoint, config, lib_path, num_threads
+        )
+    except (MLCEngineError, ValueError, OSError) as error:
+        raise _fail(error) from None
+
+
 def main() -> None:
     app()

@@ -145,18 +145,25 @@ class ModelRuntime:
         kv_cache: KVCache,
         seq_ids: Sequence[int],
         token_ids: Sequence[Sequence[int]],
-        all_logits: bool = False,
+        all_logits: bool | Sequence[bool] = False,
     ) -> np.ndarray:
         """Append each sequence's tokens in one ragged pass.
 
-        Returns the logits after each sequence's last token, [len(seq_ids), vocab], or with
-        `all_logits` the logits after every token, [total tokens, vocab]."""
+        Returns, sequence by sequence, the logits after its last token, or after each of its
+        tokens where `all_logits` says so (one flag for all, or one per sequence): rows in
+        order, [rows, vocab]."""
         lengths = [len(tokens) for tokens in token_ids]
         if min(lengths) == 0:
             raise ValueError("prefill needs at least one token per sequence")
+        every = [all_logits] * len(lengths) if isinstance(all_logits, bool) else all_logits
         flat = np.concatenate([np.asarray(tokens, dtype=np.int32) for tokens in token_ids])
-        ends = np.cumsum(lengths, dtype=np.int32)
-        positions = np.arange(len(flat), dtype=np.int32) if all_logits else ends - 1
+        starts = np.cumsum([0, *lengths[:-1]])
+        positions = np.concatenate(
+            [
+                np.arange(start, start + length) if whole else [start + length - 1]
+                for start, length, whole in zip(starts, lengths, every, strict=True)
+            ]
+        ).astype(np.int32)
         kv_cache.begin_forward(seq_ids, lengths)
         try:
             logits, _ = self._prefill(

@@ -1,0 +1,213 @@
+"""An asyncio client of one engine: handshake, requests, and per-request output streams.
+
+`connect()` sends HELLO until the engine's READY arrives on this client's topic, so no request
+goes out before the subscription is live. One task reads the PUB socket and routes each output
+to its request's stream. The engine counts as dead on ENGINE_DEAD, on the connection dropping
+(a killed process), or after `heartbeat_timeout` seconds of silence; every open stream then
+ends with an error and new requests fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from mlc_engine.common.protocol import (
+    BROADCAST,
+    Abort,
+    AddRequest,
+    EngineDead,
+    EngineInfo,
+    FrontendCommand,
+    Hello,
+    MessageType,
+    ProtocolError,
+    SamplingParams,
+    SequenceOutput,
+    Shutdown,
+    StatsSnapshot,
+    StepOutput,
+    pack,
+    unpack,
+)
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine is not answering, or has died."""
+
+
+class EngineClient:
+    """Talks to the engine bound at `input_endpoint` (PULL) and `output_endpoint` (PUB)."""
+
+    def __init__(
+        self,
+        input_endpoint: str,
+        output_endpoint: str,
+        heartbeat_timeout: float = 10.0,
+    ):
+        self.frontend_id = uuid.uuid4().hex
+        self._topic = self.frontend_id.encode()
+        self.heartbeat_timeout = heartbeat_timeout
+        self._context = zmq.asyncio.Context()
+        self._push = self._context.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, 0)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(input_endpoint)
+        self._sub = self._context.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.RCVHWM, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
+        self._sub.setsockopt(zmq.SUBSCRIBE, BROADCAST)
+        self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._sub.connect(output_endpoint)
+        self._streams: dict[str, asyncio.Queue[SequenceOutput]] = {}
+        self._replies: dict[MessageType, asyncio.Queue[Any]] = {
+            MessageType.READY: asyncio.Queue(),
+            MessageType.STATS_REPLY: asyncio.Queue(),
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+        self.info: EngineInfo | None = None
+        self.stats = StatsSnapshot()  # the latest the engine sent
+        self.dead: str | None = None  # why the engine counts as dead
+        self._last_heard = time.monotonic()
+
+    async def connect(self, timeout: float = 60.0) -> EngineInfo:
+        """Handshake with the engine; EngineUnavailableError if it does not answer in time."""
+        self._tasks = [
+            asyncio.create_task(self._receive()),
+            asyncio.create_task(self._watch_connection()),
+        ]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.dead is None:
+            self._send(MessageType.HELLO, Hello(self.frontend_id))
+            with contextlib.suppress(TimeoutError):
+                info = await asyncio.wait_for(self._replies[MessageType.READY].get(), 0.2)
+                if info.error:
+                    raise EngineUnavailableError(info.error)
+                self.info = info
+                self._last_heard = time.monotonic()
+                self._tasks.append(asyncio.create_task(self._watch_heartbeat()))
+                return info
+        raise EngineUnavailableError(self.dead or f"no answer from the engine in {timeout:.0f} s")
+
+    def _send(self, kind: MessageType, message: Any) -> None:
+        # PUSH with no high-water mark queues rather than blocks, so sending never waits.
+        self._push.send_multipart([kind.value, pack(message)], flags=zmq.NOBLOCK)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[SequenceOutput]:
+        """The request's outputs as they come, until each choice has finished. A choice that
+        fails ends the request with that error output. Leaving the loop early (a client gone,
+        a stop string matched) aborts the request in the engine."""
+        if self.dead is not None:
+            raise EngineUnavailableError(self.dead)
+        stream: asyncio.Queue[SequenceOutput] = asyncio.Queue()
+        self._streams[request_id] = stream
+        request = AddRequest(request_id, self.frontend_id, list(prompt_token_ids), params)
+        open_choices = params.n
+        try:
+            self._send(MessageType.ADD, request)
+            while open_choices:
+                output = await stream.get()
+                yield output
+                if output.finish_reason == "error":
+                    return
+                if output.finish_reason is not None:
+                    open_choices -= 1
+        finally:
+            self._streams.pop(request_id, None)
+            if open_choices and self.dead is None:
+                self.abort([request_id])
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._send(MessageType.ABORT, Abort(request_ids))
+
+    async def fetch_stats(self, reset: bool = False, timeout: float = 10.0) -> StatsSnapshot:
+        """The engine's counters now (zeroed first with `reset`)."""
+        if self.dead is not None:
+            raise EngineUnavailableError(self.dead)
+        kind = MessageType.RESET if reset else MessageType.STATS
+        self._send(kind, FrontendCommand(self.frontend_id))
+        try:
+            stats: StatsSnapshot = await asyncio.wait_for(
+                self._replies[MessageType.STATS_REPLY].get(), timeout
+            )
+        except TimeoutError:
+            raise EngineUnavailableError("the engine did not answer for its stats") from None
+        return stats
+
+    def shutdown_engine(self, drain: bool = True) -> None:
+        self._send(MessageType.SHUTDOWN, Shutdown(drain))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._sub.disable_monitor()
+        self._context.destroy(linger=0)
+
+    async def _receive(self) -> None:
+        while True:
+            topic, kind, payload = await self._sub.recv_multipart()
+            self._last_heard = time.monotonic()
+            try:
+                self._dispatch(MessageType(kind), payload)
+            except (ProtocolError, ValueError):
+                continue  # from a newer or broken engine: nothing to route it to
+
+    def _dispatch(self, kind: MessageType, payload: bytes) -> None:
+        if kind is MessageType.STEP:
+            step = unpack(StepOutput, payload)
+            self.stats = step.stats
+            for output in step.outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.put_nowait(output)
+        elif kind is MessageType.HEARTBEAT:
+            self.stats = unpack(StatsSnapshot, payload)
+        elif kind is MessageType.READY:
+            self._replies[kind].put_nowait(unpack(EngineInfo, payload))
+        elif kind is MessageType.STATS_REPLY:
+            self._replies[kind].put_nowait(unpack(StatsSnapshot, payload))
+        elif kind is MessageType.ENGINE_DEAD:
+            self._die(unpack(EngineDead, payload).message)
+
+    async def _watch_connection(self) -> None:
+        """A dropped connection after the engine was up means the process is gone."""
+        connected = False
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
+                self._die("the engine process went away")
+
+    async def _watch_heartbeat(self) -> None:
+        while self.dead is None:
+            await asyncio.sleep(self.heartbeat_timeout / 4)
+            silence = time.monotonic() - self._last_heard
+            if silence > self.heartbeat_timeout:
+                self._die(f"no heartbeat from the engine for {silence:.1f} s")
+
+    def _die(self, reason: str) -> None:
+        if self.dead is not None:
+            return
+        self.dead = reason
+        for request_id, stream in self._streams.items():
+            stream.put_nowait(
+                SequenceOutput(request_id, 0, [], finish_reason="error", error=reason)
+            )

@@ -1,0 +1,301 @@
+"""The wire protocol between frontends and engines: msgpack messages over ZeroMQ.
+
+Frontend -> engine (PUSH -> PULL): two frames, a one-byte message type and a msgpack payload.
+Engine -> frontends (PUB -> SUB): three frames, a topic, the type and the payload. The topic is
+the owning frontend's id (all ids are `FRONTEND_ID_LENGTH` characters, so ZeroMQ's prefix match
+is an exact match), or `BROADCAST` for what every frontend hears (heartbeats, ENGINE_DEAD).
+
+Payloads are dataclasses packed as msgpack arrays in field order (`pack` / `unpack`); `unpack`
+checks every field's type, so a malformed message is a `ProtocolError`, never a crash later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, TypeVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+FRONTEND_ID_LENGTH = 32  # uuid4().hex
+BROADCAST = b"*"
+
+
+class MessageType(bytes, enum.Enum):
+    # frontend -> engine
+    HELLO = b"H"
+    ADD = b"A"
+    ABORT = b"X"
+    RESET = b"R"
+    STATS = b"S"
+    SHUTDOWN = b"Q"
+    # engine -> frontend
+    READY = b"r"
+    STEP = b"s"
+    STATS_REPLY = b"t"
+    HEARTBEAT = b"h"
+    ENGINE_DEAD = b"d"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+class ProtocolError(ValueError):
+    """A message that does not decode to what its type says it holds."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to pick tokens for one request. Temperature 0 is greedy; 0 / 1.0 switch a filter off."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    seed: int | None = None
+    n: int = 1
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+    def check(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first field out of range."""
+        limits: list[tuple[str, bool, str]] = [
+            ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("temperature", 0 <= self.temperature <= 2, "must be between 0 and 2"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0: no limit)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be between 0 and 1"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("n", 1 <= self.n <= 128, "must be between 1 and 128"),
+            ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be between 0 and 20"),
+            (
+                "logit_bias",
+                all(0 <= t < vocab_size and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+                f"keys must be token ids below {vocab_size}, values in [-100, 100]",
+            ),
+            (
+                "stop_token_ids",
+                all(0 <= t < vocab_size for t in self.stop_token_ids),
+                f"must be token ids below {vocab_size}",
+            ),
+        ]
+        for name, ok, rule in limits:
+            if not ok:
+                raise ValueError(f"{name} {rule}")
+
+
+@dataclasses.dataclass
+class Hello:
+    frontend_id: str
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclasses.dataclass
+class EngineInfo:
+    """The engine's answer to HELLO: what it serves and how much room it has."""
+
+    protocol_version: int
+    model: str
+    context_window: int
+    vocab_size: int
+    max_num_seqs: int
+    kv_pages: int
+    page_size: int
+    eos_token_ids: list[int]
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class AddRequest:
+    request_id: str
+    frontend_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclasses.dataclass
+class Abort:
+    request_ids: list[str]
+
+
+@dataclasses.dataclass
+class FrontendCommand:
+    """RESET and STATS: the reply (for STATS) goes to this frontend."""
+
+    frontend_id: str
+
+
+@dataclasses.dataclass
+class Shutdown:
+    drain: bool = True
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A sampled token's log-probability under the model, and the most likely alternatives."""
+
+    logprob: float
+    top: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Engine-side timings of one finished choice, in seconds."""
+
+    prompt_tokens: int
+    output_tokens: int
+    time_to_first_token: float
+    mean_inter_token_latency: float
+    preemptions: int
+
+
+@dataclasses.dataclass
+class SequenceOutput:
+    """What one choice (`index` < n) of a request produced in one engine step."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token has none
+    finish_reason: str | None = None
+    error: str | None = None
+    metrics: RequestMetrics | None = None
+
+
+@dataclasses.dataclass
+class StatsSnapshot:
+    """Engine state and cumulative counters since start or the last RESET."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_pages_free: int = 0
+    kv_pages_total: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    last_step_seconds: float = 0.0
+    preemptions: int = 0
+    requests_finished: int = 0
+    requests_failed: int = 0
+
+
+@dataclasses.dataclass
+class StepOutput:
+    outputs: list[SequenceOutput]
+    stats: StatsSnapshot
+
+
+@dataclasses.dataclass
+class EngineDead:
+    message: str
+
+
+def pack(message: Any) -> bytes:
+    return msgpack.packb(_to_wire(message), use_bin_type=True)
+
+
+T = TypeVar("T")
+
+
+def unpack(cls: type[T], payload: bytes) -> T:
+    """Decode `payload` as a `cls`, checking every field; ProtocolError if it is not one."""
+    try:
+        data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as error:  # msgpack raises several unrelated types
+        raise ProtocolError(f"not msgpack: {error}") from None
+    return typing.cast(T, _from_wire(cls, data, cls.__name__))
+
+
+def _to_wire(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [_to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if isinstance(value, list | tuple):
+        return [_to_wire(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_wire(item) for key, item in value.items()}
+    return value
+
+
+_hints_cache: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _hints_cache:
+        _hints_cache[cls] = typing.get_type_hints(cls)
+    return _hints_cache[cls]
+
+
+def _from_wire(kind: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+        fields = dataclasses.fields(kind)
+        if not isinstance(value, list) or len(value) != len(fields):
+            raise ProtocolError(f"{where}: expected {len(fields)} fields")
+        hints = _hints(kind)
+        return kind(
+            **{
+                f.name: _from_wire(hints[f.name], item, f"{where}.{f.name}")
+                for f, item in zip(fields, value, strict=True)
+            }
+        )
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _from_wire(option, value, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"{where}: {value!r:.40} is none of {kind}")
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list")
+        return [_from_wire(item_kind, item, f"{where}[]") for item in value]
+    if origin is tuple:
+        item_kinds = typing.get_args(kind)
+        if not isinstance(value, list) or len(value) != len(item_kinds):
+            raise ProtocolError(f"{where}: expected {len(item_kinds)} items")
+        return tuple(_from_wire(k, v, where) for k, v in zip(item_kinds, value, strict=True))
+    if origin is dict:
+        key_kind, item_kind = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected a map")
+        return {
+            _from_wire(key_kind, k, where): _from_wire(item_kind, v, where)
+            for k, v in value.items()
+        }
+    return _scalar(kind, value, where)
+
+
+def _scalar(kind: Any, value: Any, where: str) -> Any:
+    if kind is type(None):
+        if value is None:
+            return None
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, kind):
+        return value
+    raise ProtocolError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r:.40}")

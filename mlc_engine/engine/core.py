@@ -1,0 +1,318 @@
+"""The continuous-batching engine: `step()` = schedule -> run the model -> sample -> outputs.
+
+Knows nothing of sockets: requests come in through `add` and `abort`, and each step returns the
+`SequenceOutput`s to publish. `engine/process.py` runs it behind ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlc_engine.common.protocol import (
+    PROTOCOL_VERSION,
+    AddRequest,
+    EngineInfo,
+    FinishReason,
+    RequestMetrics,
+    SequenceOutput,
+    StatsSnapshot,
+)
+from mlc_engine.engine.runtime import ModelRuntime
+from mlc_engine.engine.sampler import Sample, Sampler, token_logprobs
+from mlc_engine.engine.scheduler import Batch, Chunk, Scheduler, pages_for
+from mlc_engine.engine.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_total_tokens: int = 0  # KV cache size in tokens; 0: room for max_num_seqs full contexts
+    max_batch_tokens: int = 512  # tokens per step: prefill chunks plus one per running decode
+
+
+class Engine:
+    """Sequences from `add` run in `step` until they finish or are aborted."""
+
+    def __init__(self, runtime: ModelRuntime, config: EngineConfig, model_name: str = ""):
+        self.runtime = runtime
+        self.config = config
+        self.model_name = model_name or runtime.config.model_name
+        model = runtime.config
+        total_tokens = config.max_total_tokens or min(
+            config.max_num_seqs * model.context_window_size, 32768
+        )
+        self.kv_cache = runtime.create_kv_cache(
+            config.max_num_seqs, total_tokens, config.max_batch_tokens
+        )
+        self.capacity = self.kv_cache.num_pages * self.kv_cache.page_size
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_batch_tokens)
+        self.sampler = Sampler()
+        self.eos_token_ids = set(model.eos_token_ids)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.stats = StatsSnapshot()
+        self._next_seq_id = 0
+
+    def info(self) -> EngineInfo:
+        model = self.runtime.config
+        return EngineInfo(
+            protocol_version=PROTOCOL_VERSION,
+            model=self.model_name,
+            context_window=min(model.context_window_size, self.capacity),
+            vocab_size=model.vocab_size,
+            max_num_seqs=self.config.max_num_seqs,
+            kv_pages=self.kv_cache.num_pages,
+            page_size=self.kv_cache.page_size,
+            eos_token_ids=sorted(self.eos_token_ids),
+        )
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def snapshot(self) -> StatsSnapshot:
+        self.stats.num_waiting = len(self.scheduler.waiting)
+        self.stats.num_running = len(self.scheduler.running)
+        self.stats.kv_pages_free = self.kv_cache.free_pages()
+        self.stats.kv_pages_total = self.kv_cache.num_pages
+        return StatsSnapshot(**vars(self.stats))
+
+    def reset_stats(self) -> None:
+        self.stats = StatsSnapshot()
+
+    def add(self, request: AddRequest) -> list[SequenceOutput]:
+        """Queue a request; a request that cannot run is answered at once with an error."""
+        problem = self._check(request)
+        if problem:
+            self.stats.requests_failed += 1
+            return [_error(request.request_id, 0, problem)]
+        now = time.monotonic()
+        choices = [self._new_sequence(request, i, now) for i in range(request.params.n)]
+        choices[0].children = choices[1:]
+        self.requests[request.request_id] = choices
+        self.scheduler.add(choices[0])
+        return []
+
+    def _check(self, request: AddRequest) -> str | None:
+        prompt = request.prompt_token_ids
+        vocab = self.runtime.config.vocab_size
+        window = min(self.runtime.config.context_window_size, self.capacity)
+        if request.request_id in self.requests:
+            return f"request id {request.request_id} is already running"
+        if not prompt:
+            return "the prompt is empty"
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            return f"prompt token ids must be in [0, {vocab})"
+        if len(prompt) >= window:
+            return (
+                f"the prompt has {len(prompt)} tokens, more than fit the context window of "
+                f"{window} tokens with room for an answer"
+            )
+        try:
+            request.params.check(vocab)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def _new_sequence(self, request: AddRequest, index: int, now: float) -> Sequence:
+        self._next_seq_id += 1
+        return Sequence(self._next_seq_id, request, index, now)
+
+    def abort(self, request_ids: list[str]) -> list[SequenceOutput]:
+        """End these requests (unknown or finished ones are ignored: aborting is idempotent)."""
+        outputs = []
+        for request_id in request_ids:
+            for seq in self.requests.pop(request_id, []):
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.remove(seq)
+                    outputs.append(self._output(seq, [], None, FinishReason.ABORT))
+        return outputs
+
+    def step(self) -> list[SequenceOutput]:
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += len(batch.preempted)
+        if batch.empty:
+            return []
+        start = time.perf_counter()
+        try:
+            outputs = self._run(batch)
+        except Exception as error:  # a failing step fails its requests, not the engine
+            log.exception("engine step failed")
+            outputs = self._fail(batch, f"engine step failed: {error}")
+        self.stats.steps += 1
+        self.stats.last_step_seconds = time.perf_counter() - start
+        return outputs
+
+    def _run(self, batch: Batch) -> list[SequenceOutput]:
+        ready: list[tuple[Sequence, np.ndarray]] = []
+        if batch.prefills:
+            ready += self._prefill(batch.prefills)
+        if batch.decodes:
+            ready += self._decode(batch.decodes)
+        outputs: list[SequenceOutput] = []
+        to_sample: list[tuple[Sequence, np.ndarray]] = []
+        for seq, logits in ready:
+            if seq.params.max_tokens == 0:
+                outputs += self._finish_prompt_only(seq)
+                continue
+            to_sample.append((seq, logits))
+            to_sample += [(child, logits) for child in self._fork(seq)]
+        if to_sample:
+            rows = np.stack([logits for _, logits in to_sample])
+            seqs = [seq for seq, _ in to_sample]
+            for seq, sample in zip(seqs, self.sampler.sample(rows, seqs), strict=True):
+                outputs.append(self._accept(seq, sample))
+        return outputs
+
+    def _prefill(self, chunks: list[Chunk]) -> list[tuple[Sequence, np.ndarray]]:
+        start = time.perf_counter()
+        whole = [self._wants_prompt_logprobs(chunk) for chunk in chunks]
+        logits = self.runtime.prefill(
+            self.kv_cache,
+            [chunk.seq.seq_id for chunk in chunks],
+            [chunk.seq.token_ids[chunk.start : chunk.end] for chunk in chunks],
+            whole,
+        )
+        self.stats.prefill_seconds += time.perf_counter() - start
+        self.stats.prefill_tokens += sum(chunk.end - chunk.start for chunk in chunks)
+        ready, row = [], 0
+        for chunk, all_rows in zip(chunks, whole, strict=True):
+            count = chunk.end - chunk.start if all_rows else 1
+            rows = logits[row : row + count]
+            row += count
+            chunk.seq.num_computed = chunk.end
+            if all_rows:
+                self._score_prompt(chunk, rows)
+            if chunk.completes:
+                ready.append((chunk.seq, rows[-1]))
+        return ready
+
+    def _decode(self, seqs: list[Sequence]) -> list[tuple[Sequence, np.ndarray]]:
+        start = time.perf_counter()
+        ids = [seq.seq_id for seq in seqs]
+        logits = self.runtime.decode(self.kv_cache, ids, [seq.token_ids[-1] for seq in seqs])
+        self.stats.decode_seconds += time.perf_counter() - start
+        self.stats.decode_tokens += len(seqs)
+        for seq in seqs:
+            seq.num_computed += 1
+        return list(zip(seqs, logits, strict=True))
+
+    def _wants_prompt_logprobs(self, chunk: Chunk) -> bool:
+        seq = chunk.seq
+        return seq.params.prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens
+
+    def _score_prompt(self, chunk: Chunk, rows: np.ndarray) -> None:
+        """Row j scores token start + j + 1; score the prompt tokens not scored yet."""
+        seq = chunk.seq
+        first = len(seq.prompt_logprobs)
+        end = min(chunk.end + 1, seq.num_prompt_tokens)
+        if end <= first:
+            return
+        scored = rows[first - 1 - chunk.start : end - 1 - chunk.start]
+        seq.prompt_logprobs += token_logprobs(
+            scored, seq.token_ids[first:end], seq.params.top_logprobs
+        )
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Choices waiting on `parent`'s prompt share its pages from now on."""
+        children, parent.children = parent.children, []
+        running = self.scheduler.running
+        for child in children:
+            needed = pages_for(1, self.kv_cache.page_size)
+            if len(running) >= self.config.max_num_seqs or self.kv_cache.free_pages() <= needed:
+                self.scheduler.waiting.appendleft(child)  # computes the prompt on its own
+                continue
+            self.kv_cache.fork_sequence(parent.seq_id, child.seq_id)
+            child.prompt_logprobs = parent.prompt_logprobs
+            child.num_computed = parent.num_computed
+            child.status = Status.RUNNING
+            running.append(child)
+        return [child for child in children if child.status is Status.RUNNING]
+
+    def _accept(self, seq: Sequence, sample: Sample) -> SequenceOutput:
+        token = sample.token
+        params = seq.params
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        ):
+            seq.append(token)
+            return self._finish(seq, [], None, FinishReason.STOP)
+        seq.append(token)
+        logprobs = [sample.logprob] if sample.logprob else None
+        if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= min(
+            self.runtime.config.context_window_size, self.capacity
+        ):
+            return self._finish(seq, [token], logprobs, FinishReason.LENGTH)
+        return self._output(seq, [token], logprobs, None)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        tokens: list[int],
+        logprobs: list | None,
+        reason: FinishReason,
+    ) -> SequenceOutput:
+        self.scheduler.remove(seq)
+        choices = self.requests.get(seq.request_id, [])
+        if all(choice.status is Status.FINISHED for choice in choices):
+            self.requests.pop(seq.request_id, None)
+            self.stats.requests_finished += 1
+        return self._output(seq, tokens, logprobs, reason)
+
+    def _finish_prompt_only(self, parent: Sequence) -> list[SequenceOutput]:
+        """A request for max_tokens 0 (prompt logprobs, say): every choice ends here."""
+        choices = self.requests.get(parent.request_id, [parent])
+        for child in parent.children:
+            child.prompt_logprobs = parent.prompt_logprobs
+        parent.children = []
+        return [self._finish(seq, [], None, FinishReason.LENGTH) for seq in choices]
+
+    def _fail(self, batch: Batch, message: str) -> list[SequenceOutput]:
+        request_ids = {chunk.seq.request_id for chunk in batch.prefills}
+        request_ids |= {seq.request_id for seq in batch.decodes}
+        outputs = []
+        for request_id in request_ids:
+            for seq in self.requests.pop(request_id, []):
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.remove(seq)
+            outputs.append(_error(request_id, 0, message))
+            self.stats.requests_failed += 1
+        return outputs
+
+    def _output(
+        self,
+        seq: Sequence,
+        tokens: list[int],
+        logprobs: list | None,
+        reason: FinishReason | None,
+    ) -> SequenceOutput:
+        output = SequenceOutput(seq.request_id, seq.index, tokens, logprobs)
+        first_output = reason is not None or tokens
+        if seq.params.prompt_logprobs and first_output and not seq.prompt_logprobs_sent:
+            output.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_logprobs_sent = True
+        if reason is not None:
+            output.finish_reason = reason.value
+            output.metrics = _metrics(seq)
+        return output
+
+
+def _error(request_id: str, index: int, message: str) -> SequenceOutput:
+    return SequenceOutput(request_id, index, [], finish_reason="error", error=message)
+
+
+def _metrics(seq: Sequence) -> RequestMetrics:
+    first = seq.first_token_time or time.monotonic()
+    count = seq.num_output_tokens
+    return RequestMetrics(
+        prompt_tokens=seq.num_prompt_tokens,
+        output_tokens=count,
+        time_to_first_token=first - seq.arrival,
+        mean_inter_token_latency=(seq.last_token_time - first) / (count - 1) if count > 1 else 0.0,
+        preemptions=seq.preemptions,
+    )
