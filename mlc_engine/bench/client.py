@@ -8,6 +8,7 @@ with `stream_options.include_usage`; a server that sends none is counted one tok
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class RequestResult:
 
     @property
     def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(self.chunk_times)]
 
     @property
     def tpot(self) -> float | None:

@@ -9,6 +9,7 @@ gets the same prompts and, at a request rate, the same arrival times.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -65,7 +66,7 @@ def turn_order(servers: int, round_index: int) -> list[int]:
 def round_indices(num_requests: int, rounds: int) -> list[range]:
     """The prompt indices of each round, as even as possible (empty rounds are dropped)."""
     bounds = [num_requests * r // rounds for r in range(rounds + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 async def _model_of(client: httpx.AsyncClient, url: str) -> str:
@@ -78,7 +79,7 @@ async def _model_of(client: httpx.AsyncClient, url: str) -> str:
         raise ConnectionError(f"{url}/v1/models: {error or type(error).__name__}") from None
 
 
-async def _batch(
+async def run_batch(
     client: httpx.AsyncClient,
     target: Target,
     workload: Workload,
@@ -87,6 +88,8 @@ async def _batch(
     offsets: list[float],
     seconds: float,
 ) -> Batch:
+    """Send `prompts` (index, text), each no sooner than its offset and within the level's
+    concurrency; after `seconds` the requests still running or waiting are cancelled."""
     limit = asyncio.Semaphore(level.concurrency or len(prompts))
     results = [RequestResult(target.url, level.label, index) for index, _ in prompts]
     start = time.perf_counter()
@@ -143,7 +146,9 @@ async def _run(
                 for server in turn_order(len(targets), round_index):
                     target = targets[server]
                     seconds = workload.max_seconds / len(rounds)
-                    batch = await _batch(client, target, workload, level, prompts, offsets, seconds)
+                    batch = await run_batch(
+                        client, target, workload, level, prompts, offsets, seconds
+                    )
                     batches[target.url].append(batch)
                     progress(
                         f"{level.label} round {round_index + 1}/{len(rounds)} {target.url}: "

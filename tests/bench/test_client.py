@@ -1,0 +1,114 @@
+"""Streamed requests and batches against httpx's mock transport: SSE parsing, errors, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from mlc_engine.bench.client import RequestResult, request_body, stream_request
+from mlc_engine.bench.run import Target, run_batch
+from mlc_engine.bench.workload import LoadLevel, Workload
+
+URL = "http://127.0.0.1:1"
+
+
+def _sse(events: list[Any], delay: float = 0.0) -> Callable[[httpx.Request], httpx.Response]:
+    """A handler streaming `events` (dicts as JSON, strings as they are), `delay` s apart."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for event in events:
+            await asyncio.sleep(delay)
+            data = event if isinstance(event, str) else json.dumps(event)
+            yield f"data: {data}\n\n".encode()
+
+    return lambda request: httpx.Response(200, content=body())
+
+
+def _send(handler: Callable[[httpx.Request], httpx.Response], endpoint: str) -> RequestResult:
+    async def go() -> RequestResult:
+        result = RequestResult(URL, "c=1", 0)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await stream_request(
+                client, URL, endpoint, request_body(endpoint, "m", "hi", 3), result
+            )
+        return result
+
+    return asyncio.run(go())
+
+
+def _chat(text: str) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}}]}
+
+
+def test_chat_stream_is_timed_per_event_and_counted_by_usage() -> None:
+    usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 4}}
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    events = [role, _chat("a"), _chat("b"), _chat("cd"), usage, "[DONE]"]
+    r = _send(_sse(events, delay=0.01), "chat")
+    assert r.ok, r.error
+    assert len(r.chunk_times) == 3  # the role-only event carries no text
+    assert (r.output_tokens, r.prompt_tokens, r.usage_reported) == (4, 7, True)
+    assert r.ttft is not None and r.e2e is not None and 0 < r.ttft <= r.e2e
+    assert all(gap > 0.005 for gap in r.itls)
+
+
+def test_completions_without_usage_count_one_token_per_event() -> None:
+    events = [{"choices": [{"index": 0, "text": t}]} for t in ("x", "y")] + ["[DONE]"]
+    r = _send(_sse(events), "completions")
+    assert r.ok and (r.output_tokens, r.usage_reported, r.prompt_tokens) == (2, False, None)
+
+
+@pytest.mark.parametrize(
+    ("handler", "error"),
+    [
+        (lambda request: httpx.Response(503, text="busy"), "HTTP 503: busy"),
+        (_sse([{"error": {"message": "bad model"}}]), "server error"),
+        (_sse([{"choices": [{"delta": {"role": "assistant"}}]}, "[DONE]"]), "no text"),
+        (_sse(["{not json"]), "JSONDecodeError"),
+    ],
+)
+def test_failures_are_recorded_not_raised(handler: Any, error: str) -> None:
+    r = _send(handler, "chat")
+    assert not r.ok and r.error is not None and r.error.startswith(error), r.error
+
+
+def test_a_refused_connection_is_an_error() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    assert "ConnectError" in (_send(refuse, "chat").error or "")
+
+
+def test_request_bodies_ask_for_usage_and_a_fixed_length() -> None:
+    chat = request_body("chat", "m", "hello", 16)
+    assert chat["messages"] == [{"role": "user", "content": "hello"}] and "prompt" not in chat
+    assert chat["stream_options"] == {"include_usage": True}
+    assert (chat["max_tokens"], chat["ignore_eos"], chat["stream"]) == (16, True, True)
+    assert request_body("completions", "m", "hello", 16)["prompt"] == "hello"
+
+
+def test_a_batch_cancels_what_runs_past_its_time_limit() -> None:
+    """One at a time, 0.18 s each (three events 0.06 s apart), 0.5 s allowed: two end, the
+    third is cut off, the fourth never starts."""
+    events = [_chat("a"), _chat("b"), "[DONE]"]
+    workload = Workload("chat", 4, 2, 4, 10.0)
+    prompts = [(i, f"prompt {i}") for i in range(4)]
+
+    async def go() -> Any:
+        transport = httpx.MockTransport(_sse(events, delay=0.06))
+        async with httpx.AsyncClient(transport=transport) as client:
+            target = Target(URL, "m")
+            level = LoadLevel(concurrency=1)
+            return await run_batch(client, target, workload, level, prompts, [0.0] * 4, 0.5)
+
+    batch = asyncio.run(go())
+    assert [r.index for r in batch.results] == [0, 1]
+    assert all(r.ok for r in batch.results)
+    assert batch.unfinished == 2
+    assert batch.duration == pytest.approx(0.5, abs=0.1)
+    assert batch.results[1].sent_at >= batch.results[0].e2e  # concurrency 1: one after the other
