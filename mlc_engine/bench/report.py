@@ -116,6 +116,7 @@ def as_json(result: BenchmarkResult) -> dict[str, Any]:
     ]
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_id": result.run_id,
         "workload": dataclasses.asdict(result.workload),
         "servers": [dataclasses.asdict(t) for t in result.targets],
         "levels": levels,

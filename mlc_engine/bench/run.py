@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class BenchmarkResult:
     workload: Workload
     targets: list[Target]
     levels: list[LevelResult]
+    run_id: str  # the first word of every prompt of this run
 
 
 def turn_order(servers: int, round_index: int) -> list[int]:
@@ -114,6 +116,48 @@ async def run_batch(
     return Batch(finished, duration, len(pending))
 
 
+async def _warm_up(
+    client: httpx.AsyncClient, target: Target, workload: Workload, prompt: str
+) -> None:
+    """One short request, not counted: the first may load or compile something."""
+    warmup = RequestResult(target.url, "warm-up", 0)
+    body = request_body(workload.endpoint, target.model, prompt, WARMUP_TOKENS)
+    await stream_request(client, target.url, workload.endpoint, body, warmup)
+    if not warmup.ok:
+        raise ConnectionError(f"{target.url} failed its warm-up request: {warmup.error}")
+
+
+async def _level(
+    client: httpx.AsyncClient,
+    targets: list[Target],
+    workload: Workload,
+    level: LoadLevel,
+    first_prompt: int,
+    prompt: Callable[[int], str],
+    progress: Callable[[str], None],
+) -> LevelResult:
+    batches: dict[str, list[Batch]] = {target.url: [] for target in targets}
+    rounds = round_indices(workload.num_requests, workload.rounds)
+    for round_index, indices in enumerate(rounds):
+        numbers = [first_prompt + i for i in indices]
+        prompts = [(i, prompt(i)) for i in numbers]
+        rng = random.Random(f"{workload.seed}/{level.label}/{round_index}")
+        offsets = arrival_offsets(level, len(prompts), rng)
+        seconds = workload.max_seconds / len(rounds)
+        for server in turn_order(len(targets), round_index):
+            target = targets[server]
+            batch = await run_batch(client, target, workload, level, prompts, offsets, seconds)
+            batches[target.url].append(batch)
+            progress(
+                f"{level.label} round {round_index + 1}/{len(rounds)} {target.url}: "
+                f"{len(batch.results)} ended, {batch.unfinished} cut off, {batch.duration:.1f} s"
+            )
+    summaries = [
+        summarize(t.url, level.label, batches[t.url], workload.output_tokens) for t in targets
+    ]
+    return LevelResult(level, summaries, batches)
+
+
 async def _run(
     urls: list[str],
     workload: Workload,
@@ -127,40 +171,21 @@ async def _run(
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         targets = [Target(url, model or await _model_of(client, url)) for url in urls]
-        for target in targets:  # the first request may load or compile something: not counted
-            warmup = RequestResult(target.url, "warm-up", 0)
-            body = request_body(
-                workload.endpoint, target.model, source.prompt(0, 16), WARMUP_TOKENS
-            )
-            await stream_request(client, target.url, workload.endpoint, body, warmup)
-            if not warmup.ok:
-                raise ConnectionError(f"{target.url} failed its warm-up request: {warmup.error}")
+        # Every prompt of the run differs from the others and from other runs': a prompt seen
+        # before would let a server's prompt cache skip its prefill.
+        run_id = secrets.token_hex(3)
+
+        def prompt(index: int) -> str:
+            return source.prompt(index, workload.input_words, run_id)
+
+        warmup_prompt = prompt(len(levels) * workload.num_requests)  # after all the levels'
+        for target in targets:
+            await _warm_up(client, target, workload, warmup_prompt)
         results = []
-        for level in levels:
-            batches: dict[str, list[Batch]] = {target.url: [] for target in targets}
-            rounds = round_indices(workload.num_requests, workload.rounds)
-            for round_index, indices in enumerate(rounds):
-                prompts = [(i, source.prompt(i, workload.input_words)) for i in indices]
-                rng = random.Random(f"{workload.seed}/{level.label}/{round_index}")
-                offsets = arrival_offsets(level, len(prompts), rng)
-                for server in turn_order(len(targets), round_index):
-                    target = targets[server]
-                    seconds = workload.max_seconds / len(rounds)
-                    batch = await run_batch(
-                        client, target, workload, level, prompts, offsets, seconds
-                    )
-                    batches[target.url].append(batch)
-                    progress(
-                        f"{level.label} round {round_index + 1}/{len(rounds)} {target.url}: "
-                        f"{len(batch.results)} ended, {batch.unfinished} cut off, "
-                        f"{batch.duration:.1f} s"
-                    )
-            summaries = [
-                summarize(t.url, level.label, batches[t.url], workload.output_tokens)
-                for t in targets
-            ]
-            results.append(LevelResult(level, summaries, batches))
-    return BenchmarkResult(workload, targets, results)
+        for number, level in enumerate(levels):
+            first = number * workload.num_requests
+            results.append(await _level(client, targets, workload, level, first, prompt, progress))
+    return BenchmarkResult(workload, targets, results, run_id)
 
 
 def run_benchmark(

@@ -4,6 +4,7 @@ Input length is counted in words of the source text (runs of non-space character
 tokens: the harness has no tokenizer of its own, and each server tokenizes differently. For
 English text and the BPE vocabularies of small LLMs a word is about 1.3 tokens; the servers'
 own count (`usage.prompt_tokens`, chat template included) is recorded for every request.
+Each run tags its prompts with a random run id (one word), see `PromptSource.prompt`.
 """
 
 from __future__ import annotations
@@ -97,7 +98,14 @@ class PromptSource:
     def from_file(cls, path: Path = DEFAULT_TEXT) -> PromptSource:
         return cls(path.read_text(encoding="utf-8"))
 
-    def prompt(self, index: int, length: int) -> str:
-        """The prompt of request `index`: `length` words from its own offset, wrapping around."""
+    def prompt(self, index: int, length: int, run_id: str = "") -> str:
+        """The prompt of request `index`: `length` words from its own offset, wrapping around.
+
+        With a `run_id` the first word is `run_id/index` instead: a run's prompts then differ
+        from every earlier run's, so no server answers from a prompt cache an earlier run filled.
+        """
         start = index * STRIDE
-        return " ".join(self.words[(start + i) % len(self.words)] for i in range(length))
+        words = [self.words[(start + i) % len(self.words)] for i in range(length)]
+        if run_id:
+            words[0] = f"{run_id}/{index}"
+        return " ".join(words)

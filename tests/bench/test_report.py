@@ -43,7 +43,7 @@ def _run() -> BenchmarkResult:
             batches[url] = [Batch(results, scale * 0.26 * 3 / concurrency, 0)]
         summaries = [summarize(url, level.label, batches[url], 4) for url in SERVERS]
         levels.append(LevelResult(level, summaries, batches))
-    return BenchmarkResult(workload, [Target(url, "m") for url in SERVERS], levels)
+    return BenchmarkResult(workload, [Target(url, "m") for url in SERVERS], levels, "abc123")
 
 
 def test_json_holds_summaries_ratios_and_every_request(tmp_path: Path) -> None:

@@ -28,6 +28,12 @@ def test_prompts_have_the_asked_length_and_differ_per_request() -> None:
     assert source.prompt(5, 128) == prompts[5]  # the same request is the same for every server
 
 
+def test_a_run_id_makes_the_first_word() -> None:
+    source = PromptSource("one two three four")  # request 1 starts at word 997 % 4 = 1
+    assert source.prompt(1, 3) == "two three four"
+    assert source.prompt(1, 3, "ab12") == "ab12/1 three four"
+
+
 def test_prompts_longer_than_the_text_wrap_around() -> None:
     source = PromptSource("one two three")
     assert source.prompt(0, 7) == "one two three one two three one"
