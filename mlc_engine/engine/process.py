@@ -86,6 +86,7 @@ class EngineServer:
         self.owners: dict[str, tuple[str, int]] = {}  # request id -> (frontend id, open choices)
         self.latest = StatsSnapshot()
         self._closing = threading.Event()  # the IO threads close their sockets and end
+        self._endpoints = (input_endpoint, output_endpoint)
         self._input = self._bind(zmq.PULL, input_endpoint)
         self._output = self._bind(zmq.PUB, output_endpoint)
         self._threads = [
@@ -119,6 +120,9 @@ class EngineServer:
             for thread in self._threads:
                 thread.join(timeout=5)
             self.context.term()
+            for endpoint in self._endpoints:
+                if endpoint.startswith("ipc://"):  # ZeroMQ leaves the socket file behind
+                    Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
     def _loop(self) -> None:
         while not (self.stopping.is_set() and not self.engine.has_work):
