@@ -1,8 +1,8 @@
 """PNG plots of a run: throughput against load, and TTFT and ITL distributions.
 
-Distributions are drawn as empirical cumulative distributions, one panel per load level and one
-line per server: the height at x is the share of values at most x, so the median is where a line
-crosses 0.5 and a line further left is the faster server.
+Distributions are drawn as empirical cumulative distributions on a log time axis, one panel per
+load level and one line per server: the height at x is the share of values at most x, so the
+median is where a line crosses 0.5 and a line further left is the faster server.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlc_engine.bench.client import RequestResult  # noqa: E402
@@ -69,7 +70,10 @@ def plot_distribution(
                 shares = np.arange(1, len(values) + 1) / len(values)
                 ax.step(values, shares, where="post", label=target.url)
         ax.set_title(level.level.label)
-        ax.set_xlabel(f"{title} (ms)")
+        ax.set_xscale("log")  # the tail (a prefill between two tokens) can be 100x the median
+        for axis_ticks in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis_ticks(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_xlabel(f"{title} (ms, log scale)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
