@@ -277,5 +277,104 @@ def engine_command(
         raise _fail(error) from None
 
 
+def serve(
+    model: str | None = None,
+    lib_path: Path | None = None,
+    devices: str = "auto",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_style: str = "openai",
+    api_key: str | None = None,
+    max_queue: int = 256,
+    workers: int = 1,
+    allowed_origins: list[str] | None = None,
+    engine_options: list[str] | None = None,
+) -> None:
+    """Prepare the model (convert and compile once, here), then start one engine per device and
+    the HTTP frontend; returns when the server is stopped."""
+    from mlc_engine.engine.models import prepare_library, prepare_model
+    from mlc_engine.frontend.settings import API_STYLES, ServeSettings
+    from mlc_engine.frontend.supervisor import serve as run_server
+
+    if api_style not in API_STYLES:
+        raise MLCEngineError(f"--api-style must be one of {', '.join(API_STYLES)}")
+    chosen = [_device(text.strip()) for text in devices.split(",") if text.strip()]
+    if not chosen:
+        raise MLCEngineError("--device names no device")
+    with _progress() as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def show(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total or None)
+            bar.advance(tasks[what], done)
+
+        folder = prepare_model(model, chosen[0], show)
+        libraries = [prepare_library(folder, device, lib_path, show) for device in chosen]
+    engine_args = [
+        ["--model", str(folder), "--device", device.name, "--lib-path", str(library)]
+        + list(engine_options or [])
+        for device, library in zip(chosen, libraries, strict=True)
+    ]
+    settings = ServeSettings(
+        model_folder=str(folder),
+        model_name=folder.name,
+        engines=[],
+        api_style=api_style,
+        api_key=api_key,
+        max_queue=max_queue,
+        allowed_origins=list(allowed_origins or []),
+        url=f"http://{host}:{port}",
+    )
+    console.print(
+        f"starting {len(chosen)} engine(s) for {folder.name}; listening on {settings.url}"
+    )
+    run_server(settings, engine_args, host, port, workers)
+
+
+@app.command("serve")
+def serve_command(
+    model: ModelOption = None,
+    lib_path: LibOption = None,
+    device: Annotated[
+        str, typer.Option("--device", help="Device(s), comma-separated: one engine each.")
+    ] = "auto",
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    max_queue: Annotated[
+        int,
+        typer.Option("--max-queue", min=0, help="Requests queued per engine before 429s."),
+    ] = 256,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="uvicorn workers.")] = 1,
+    api_style: Annotated[
+        str,
+        typer.Option("--api-style", help="openai, or mlc-chat (MLC-Chat 2023's stream format)."),
+    ] = "openai",
+    allowed_origins: Annotated[
+        list[str] | None,
+        typer.Option("--allowed-origin", help="Allow cross-origin requests from this origin."),
+    ] = None,
+    num_threads: ThreadsOption = None,
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 32,
+    max_total_tokens: Annotated[int, typer.Option("--max-total-tokens", min=0)] = 0,
+    max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=16)] = 512,
+) -> None:
+    """Serve the model over HTTP: the OpenAI API and MLC-Chat's REST API."""
+    options = ["--max-num-seqs", str(max_num_seqs), "--max-total-tokens", str(max_total_tokens)]
+    options += ["--max-batch-tokens", str(max_batch_tokens)]
+    if num_threads:
+        options += ["--num-threads", str(num_threads)]
+    try:
+        serve(
+            model, lib_path, device, host, port, api_style, api_key, max_queue, workers,
+            allowed_origins, options,
+        )  # fmt: skip
+    except (MLCEngineError, ValueError, OSError) as error:
+        raise _fail(error) from None
+
+
 def main() -> None:
     app()

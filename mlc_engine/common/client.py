@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import zmq
@@ -107,7 +107,7 @@ class EngineClient:
 
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[SequenceOutput]:
+    ) -> AsyncGenerator[SequenceOutput, None]:
         """The request's outputs as they come, until each choice has finished. A choice that
         fails ends the request with that error output. Leaving the loop early (a client gone,
         a stop string matched) aborts the request in the engine."""

@@ -1,0 +1,188 @@
+"""One API request running in an engine, turned from token ids into text.
+
+A request has one or more prompts (completions take lists) and n choices of each; choice
+`prompt_index * n + i` is choice i of that prompt, as OpenAI numbers them. Each prompt is one
+engine request. Text comes out of an incremental detokenizer and a stop-string matcher per
+choice; once every choice of a prompt has stopped, its engine request is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from mlc_engine.common.client import EngineClient
+from mlc_engine.common.protocol import SamplingParams, SequenceOutput, TokenLogprob
+from mlc_engine.frontend.errors import EngineFailureError
+from mlc_engine.frontend.metrics import Metrics
+from mlc_engine.frontend.text import IncrementalDetokenizer, Tokenizer
+from mlc_engine.frontend.text.stop import StopStringMatcher
+
+
+@dataclass
+class TokenChoice:
+    """A generated (or echoed prompt) token with its logprob and the top alternatives."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New text of one choice; `finish_reason` is set on the choice's last delta."""
+
+    index: int
+    text: str
+    tokens: list[TokenChoice] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_index: int
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    token_count: int = 0
+    finished: bool = False
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": total,
+        }
+
+
+class Generation:
+    """Runs `prompts` x `params.n` choices on `client`; iterate it for `Delta`s."""
+
+    def __init__(
+        self,
+        client: EngineClient,
+        tokenizer: Tokenizer,
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stops: list[str],
+        metrics: Metrics,
+    ):
+        self.client = client
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.prompts = prompts
+        self.params = params
+        self.metrics = metrics
+        self.usage = Usage(prompt_tokens=sum(len(prompt) for prompt in prompts))
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}
+        self.choices = [
+            Choice(
+                index=p * params.n + i,
+                prompt_index=p,
+                detokenizer=IncrementalDetokenizer(tokenizer, prompt),
+                stops=StopStringMatcher(stops),
+            )
+            for p, prompt in enumerate(prompts)
+            for i in range(params.n)
+        ]
+        self._queue: asyncio.Queue[tuple[int, SequenceOutput | None]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._start = time.monotonic()
+        self._last_token: float | None = None
+
+    def _engine_id(self, prompt_index: int) -> str:
+        return f"{self.request_id}-{prompt_index}"
+
+    async def _pump(self, prompt_index: int) -> None:
+        stream = self.client.generate(
+            self._engine_id(prompt_index), self.prompts[prompt_index], self.params
+        )
+        async with contextlib.aclosing(stream):
+            async for output in stream:
+                self._queue.put_nowait((prompt_index, output))
+        self._queue.put_nowait((prompt_index, None))
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        """Deltas as the engine produces them; EngineFailureError if the engine fails the
+        request. Closing the iterator early aborts what is still running."""
+        self._tasks = [asyncio.create_task(self._pump(p)) for p in range(len(self.prompts))]
+        running = len(self.prompts)
+        try:
+            while running:
+                prompt_index, output = await self._queue.get()
+                if output is None:
+                    running -= 1
+                    continue
+                if output.finish_reason == "error":
+                    raise EngineFailureError(output.error or "the engine failed the request")
+                delta = self._accept(prompt_index, output)
+                if delta is not None:
+                    yield delta
+                if self._prompt_done(prompt_index):
+                    self._tasks[prompt_index].cancel()
+                    running -= 1
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def _prompt_done(self, prompt_index: int) -> bool:
+        mine = [c for c in self.choices if c.prompt_index == prompt_index]
+        return all(choice.finished for choice in mine)
+
+    def _accept(self, prompt_index: int, output: SequenceOutput) -> Delta | None:
+        choice = self.choices[prompt_index * self.params.n + output.index]
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs[prompt_index] = output.prompt_logprobs
+        if choice.finished:
+            return None
+        self._observe(output)
+        choice.token_count += len(output.token_ids)
+        self.usage.completion_tokens += len(output.token_ids)
+        text = choice.stops.push(choice.detokenizer.push(output.token_ids))
+        tokens = _token_choices(output)
+        reason = output.finish_reason
+        if choice.stops.stopped:
+            reason = "stop"
+        elif reason is not None:
+            text += choice.stops.push(choice.detokenizer.flush()) + choice.stops.flush()
+            reason = "stop" if reason == "abort" else reason
+        if reason is not None:
+            choice.finished = True
+            self.metrics.finished(reason)
+        if not text and not tokens and reason is None:
+            return None
+        return Delta(choice.index, text, tokens, reason)
+
+    def _observe(self, output: SequenceOutput) -> None:
+        if not output.token_ids:
+            return
+        now = time.monotonic()
+        if self._last_token is None:
+            self.metrics.first_token(now - self._start)
+        else:
+            self.metrics.token_gap(now - self._last_token)
+        self._last_token = now
+        self.metrics.generated(len(output.token_ids))
+
+
+def _token_choices(output: SequenceOutput) -> list[TokenChoice]:
+    if not output.logprobs:
+        return []
+    return [
+        TokenChoice(token, logprob.logprob, logprob.top)
+        for token, logprob in zip(output.token_ids, output.logprobs, strict=True)
+    ]

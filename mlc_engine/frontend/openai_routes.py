@@ -1,0 +1,259 @@
+"""POST /v1/chat/completions and /v1/completions, streamed (SSE) or not.
+
+A stream waits for the engine's first output before it commits to HTTP 200, so failures
+before that are real error statuses; a failure after it is an error event ending the stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import falcon.asgi
+
+from mlc_engine.frontend.disconnect import until_disconnected
+from mlc_engine.frontend.errors import APIError
+from mlc_engine.frontend.generation import Delta, Generation
+from mlc_engine.frontend.responses import (
+    ResponseIds,
+    chat_logprobs,
+    completion_logprobs,
+    mlc_chat_events,
+    prompt_token_choices,
+    sse,
+)
+from mlc_engine.frontend.schemas import ChatCompletionRequest, CompletionRequest
+from mlc_engine.frontend.service import Service
+
+log = logging.getLogger(__name__)
+
+
+async def _started(deltas: AsyncGenerator[Delta, None]) -> AsyncGenerator[Delta, None]:
+    """`deltas` with its first item already awaited, so errors before it raise here."""
+    first = await anext(deltas, None)
+
+    async def chained() -> AsyncGenerator[Delta, None]:
+        async with contextlib.aclosing(deltas):
+            if first is not None:
+                yield first
+            async for delta in deltas:
+                yield delta
+
+    return chained()
+
+
+async def _events(
+    deltas: AsyncGenerator[Delta, None], render: Any, tail: Any
+) -> AsyncIterator[bytes]:
+    """SSE bytes: each delta rendered, then the tail; an error becomes an error event."""
+    try:
+        async for delta in deltas:
+            for event in render(delta):
+                yield event
+        for event in tail():
+            yield event
+    except APIError as error:
+        log.warning("stream ended by an error: %s", error)
+        yield sse(error.body())
+
+
+class ChatCompletions:
+    def __init__(self, service: Service):
+        self.service = service
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        service = self.service
+        body = await service.read(req, ChatCompletionRequest)
+        prompt = service.chat_prompt(body.messages)
+        top = body.top_logprobs or 0
+        params = service.sampling_params(body, [prompt], body.logprobs, top)
+        generation = service.start([prompt], params, body.stop_strings())
+        ids = ResponseIds("chatcmpl", generation.request_id, service.model_name)
+        deltas = until_disconnected(generation.deltas(), req.scope)
+        if body.stream:
+            started = await _started(deltas)
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.stream = self._stream(started, generation, ids, body)
+        else:
+            resp.media = await self._whole(deltas, generation, ids, body)
+
+    def _stream(
+        self,
+        deltas: AsyncGenerator[Delta, None],
+        generation: Generation,
+        ids: ResponseIds,
+        body: ChatCompletionRequest,
+    ) -> AsyncIterator[bytes]:
+        service = self.service
+        if service.settings.api_style == "mlc-chat":
+            return _events(deltas, mlc_chat_events, lambda: [])
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        extra = {"usage": None} if usage else {}
+
+        def chunk(choices: list[dict[str, Any]]) -> bytes:
+            return sse({**ids.head("chat.completion.chunk"), "choices": choices, **extra})
+
+        opened: set[int] = set()
+
+        def render(delta: Delta) -> list[bytes]:
+            events = []
+            if delta.index not in opened:
+                opened.add(delta.index)
+                role = {"role": "assistant", "content": ""}
+                events.append(chunk([{"index": delta.index, "delta": role, "finish_reason": None}]))
+            if delta.text or delta.tokens:
+                choice: dict[str, Any] = {
+                    "index": delta.index,
+                    "delta": {"content": delta.text},
+                    "finish_reason": None,
+                }
+                if body.logprobs:
+                    choice["logprobs"] = chat_logprobs(delta.tokens, service.token_text)
+                events.append(chunk([choice]))
+            if delta.finish_reason:
+                end = {"index": delta.index, "delta": {}, "finish_reason": delta.finish_reason}
+                events.append(chunk([end]))
+            return events
+
+        def tail() -> list[bytes]:
+            events = []
+            if usage:
+                last = {**ids.head("chat.completion.chunk"), "choices": []}
+                events.append(sse({**last, "usage": generation.usage.as_dict()}))
+            return [*events, sse("[DONE]")]
+
+        return _events(deltas, render, tail)
+
+    async def _whole(
+        self,
+        deltas: AsyncGenerator[Delta, None],
+        generation: Generation,
+        ids: ResponseIds,
+        body: ChatCompletionRequest,
+    ) -> dict[str, Any]:
+        n = body.n
+        texts, reasons = [""] * n, ["stop"] * n
+        tokens: list[list] = [[] for _ in range(n)]
+        async for delta in deltas:
+            texts[delta.index] += delta.text
+            tokens[delta.index] += delta.tokens
+            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+        choices = []
+        for index in range(n):
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": {"role": "assistant", "content": texts[index]},
+                "logprobs": None,
+                "finish_reason": reasons[index],
+            }
+            if body.logprobs:
+                choice["logprobs"] = chat_logprobs(tokens[index], self.service.token_text)
+            choices.append(choice)
+        return {
+            **ids.head("chat.completion"),
+            "choices": choices,
+            "usage": generation.usage.as_dict(),
+        }
+
+
+class Completions:
+    def __init__(self, service: Service):
+        self.service = service
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        service = self.service
+        body = await service.read(req, CompletionRequest)
+        prompts = service.completion_prompts(body)
+        wants_logprobs = body.logprobs is not None
+        params = service.sampling_params(body, prompts, wants_logprobs, body.logprobs or 0)
+        params.prompt_logprobs = body.echo and wants_logprobs
+        generation = service.start(prompts, params, body.stop_strings())
+        ids = ResponseIds("cmpl", generation.request_id, service.model_name)
+        deltas = until_disconnected(generation.deltas(), req.scope)
+        if body.stream:
+            started = await _started(deltas)
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.stream = self._stream(started, generation, ids, body)
+        else:
+            resp.media = await self._whole(deltas, generation, ids, body)
+
+    def _echo(self, generation: Generation, index: int) -> tuple[str, list]:
+        """The prompt's text and tokens (with logprobs when asked) of choice `index`."""
+        prompt_index = index // generation.params.n
+        prompt = generation.prompts[prompt_index]
+        text = self.service.tokenizer.decode(prompt)
+        logprobs = generation.prompt_logprobs.get(prompt_index)
+        return text, prompt_token_choices(prompt, logprobs)
+
+    def _choice(
+        self, body: CompletionRequest, index: int, text: str, tokens: list, offset: int
+    ) -> dict[str, Any]:
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = completion_logprobs(tokens, self.service.token_text, offset)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
+
+    def _stream(
+        self,
+        deltas: AsyncGenerator[Delta, None],
+        generation: Generation,
+        ids: ResponseIds,
+        body: CompletionRequest,
+    ) -> AsyncIterator[bytes]:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        extra = {"usage": None} if usage else {}
+        offsets: dict[int, int] = {}
+
+        def render(delta: Delta) -> list[bytes]:
+            text, tokens = delta.text, delta.tokens
+            if delta.index not in offsets:
+                offsets[delta.index] = 0
+                if body.echo:
+                    echo_text, echo_tokens = self._echo(generation, delta.index)
+                    text, tokens = echo_text + text, echo_tokens + tokens
+            choice = self._choice(body, delta.index, text, tokens, offsets[delta.index])
+            choice["finish_reason"] = delta.finish_reason
+            offsets[delta.index] += len(text)
+            return [sse({**ids.head("text_completion"), "choices": [choice], **extra})]
+
+        def tail() -> list[bytes]:
+            events = []
+            if usage:
+                last = {**ids.head("text_completion"), "choices": []}
+                events.append(sse({**last, "usage": generation.usage.as_dict()}))
+            return [*events, sse("[DONE]")]
+
+        return _events(deltas, render, tail)
+
+    async def _whole(
+        self,
+        deltas: AsyncGenerator[Delta, None],
+        generation: Generation,
+        ids: ResponseIds,
+        body: CompletionRequest,
+    ) -> dict[str, Any]:
+        count = len(generation.choices)
+        texts, reasons = [""] * count, ["stop"] * count
+        tokens: list[list] = [[] for _ in range(count)]
+        async for delta in deltas:
+            texts[delta.index] += delta.text
+            tokens[delta.index] += delta.tokens
+            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+        choices = []
+        for index in range(count):
+            text, choice_tokens = texts[index], tokens[index]
+            if body.echo:
+                echo_text, echo_tokens = self._echo(generation, index)
+                text, choice_tokens = echo_text + text, echo_tokens + choice_tokens
+            choice = self._choice(body, index, text, choice_tokens, 0)
+            choice["finish_reason"] = reasons[index]
+            choices.append(choice)
+        return {
+            **ids.head("text_completion"),
+            "choices": choices,
+            "usage": generation.usage.as_dict(),
+        }

@@ -1,0 +1,159 @@
+"""What every route shares: the engines, the tokenizer and chat template, the metrics, and the
+steps that turn an API request into engine requests (prompts, sampling parameters, limits)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import TypeVar
+
+import falcon.asgi
+import pydantic
+
+from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.protocol import SamplingParams
+from mlc_engine.frontend.engines import EnginePool
+from mlc_engine.frontend.errors import BadRequestError, PayloadTooLargeError
+from mlc_engine.frontend.generation import Generation
+from mlc_engine.frontend.metrics import Metrics
+from mlc_engine.frontend.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+)
+from mlc_engine.frontend.settings import ServeSettings
+from mlc_engine.frontend.text import ChatTemplate, ChatTemplateError, Tokenizer
+
+Body = TypeVar("Body", bound=pydantic.BaseModel)
+
+
+class Service:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        folder = Path(settings.model_folder)
+        self.config = ModelConfig.load(folder)
+        self.tokenizer = Tokenizer.from_folder(folder, self.config)
+        self.template = ChatTemplate.from_config(self.config, self.tokenizer)
+        self.engines = EnginePool(settings.engines, settings.max_queue)
+        self.metrics = Metrics(self.engines.snapshots)
+        self.model_name = settings.model_name
+
+    async def read(self, req: falcon.asgi.Request, model: type[Body]) -> Body:
+        """The JSON body as `model`: 413 when too large, 400 naming the field when invalid."""
+        limit = self.settings.max_body_bytes
+        if (req.content_length or 0) > limit:
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        raw = await req.stream.read(limit + 1)
+        if len(raw) > limit:
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        try:
+            data = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequestError(f"the body is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise BadRequestError("the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except pydantic.ValidationError as error:
+            raise _bad_field(error) from None
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        rendered = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return self.tokenizer.encode(self.template.render(rendered))
+        except ChatTemplateError as error:
+            raise BadRequestError(str(error), param="messages") from None
+
+    def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer.encode(prompt)]
+        elif all(isinstance(item, str) for item in prompt):
+            prompts = [self.tokenizer.encode(str(item)) for item in prompt]
+        elif all(isinstance(item, int) for item in prompt):
+            prompts = [[int(item) for item in prompt]]  # type: ignore[arg-type]
+        else:
+            prompts = [list(item) for item in prompt]  # type: ignore[arg-type]
+        vocab = self.config.vocab_size
+        for ids in prompts:
+            if not ids:
+                raise BadRequestError("prompt: must not be empty", param="prompt")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise BadRequestError(f"prompt: token ids must be in [0, {vocab})", "prompt")
+        return prompts
+
+    def sampling_params(
+        self,
+        request: ChatCompletionRequest | CompletionRequest,
+        prompts: list[list[int]],
+        logprobs: bool,
+        top_logprobs: int,
+    ) -> SamplingParams:
+        window = self.engines.info.context_window
+        longest = max(len(prompt) for prompt in prompts)
+        if longest >= window:
+            raise BadRequestError(
+                f"the prompt has {longest} tokens; the model's context window is {window} "
+                "tokens, with room needed for the answer",
+                param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        limit = request.token_limit()
+        if limit is not None and longest + limit > window:
+            raise BadRequestError(
+                f"the prompt ({longest} tokens) plus max_tokens ({limit}) exceed the model's "
+                f"context window of {window} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_tokens=window - longest if limit is None else limit,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            logit_bias=self._logit_bias(request.logit_bias),
+            seed=request.seed,
+            n=request.n,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+        try:
+            params.check(self.config.vocab_size)
+        except ValueError as error:
+            raise BadRequestError(str(error), param=str(error).split()[0]) from None
+        return params
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        try:
+            return {int(token): value for token, value in (bias or {}).items()}
+        except ValueError:
+            raise BadRequestError("logit_bias: keys must be token ids", "logit_bias") from None
+
+    def start(
+        self, prompts: list[list[int]], params: SamplingParams, stops: list[str]
+    ) -> Generation:
+        """Route to an engine (429 / 503 when none can take it); runs once iterated."""
+        client = self.engines.pick()
+        self.metrics.prompt(sum(len(prompt) for prompt in prompts))
+        return Generation(
+            client, self.tokenizer, uuid.uuid4().hex, prompts, params, stops, self.metrics
+        )
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _bad_field(error: pydantic.ValidationError) -> BadRequestError:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if not location and ":" in message:
+        location = message.split(":")[0]
+    text = message if message.startswith(location) else f"{location}: {message}"
+    return BadRequestError(text, param=location or None)
