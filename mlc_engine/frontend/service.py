@@ -93,17 +93,18 @@ class Service:
         window = self.engines.info.context_window
         longest = max(len(prompt) for prompt in prompts)
         if longest >= window:
+            field = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
             raise BadRequestError(
-                f"the prompt has {longest} tokens; the model's context window is {window} "
-                "tokens, with room needed for the answer",
-                param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                f"{field}: the prompt has {longest} tokens; the model's context window is "
+                f"{window} tokens, with room needed for the answer",
+                param=field,
                 code="context_length_exceeded",
             )
         limit = request.token_limit()
         if limit is not None and longest + limit > window:
             raise BadRequestError(
-                f"the prompt ({longest} tokens) plus max_tokens ({limit}) exceed the model's "
-                f"context window of {window} tokens",
+                f"max_tokens: the prompt ({longest} tokens) plus max_tokens ({limit}) exceed "
+                f"the model's context window of {window} tokens",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
