@@ -74,7 +74,8 @@ class ChatReset:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         await self.service.engines.fetch_stats(reset=True)
-        resp.media = None
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = "null"  # Falcon would send no body at all for media None
 
     on_get = on_post
 

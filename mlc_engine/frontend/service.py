@@ -26,6 +26,8 @@ from mlc_engine.frontend.settings import ServeSettings
 from mlc_engine.frontend.text import ChatTemplate, ChatTemplateError, Tokenizer
 
 Body = TypeVar("Body", bound=pydantic.BaseModel)
+# MLC-Chat's 2023 server capped replies at its config's max_gen_len, 512 by default.
+MLC_CHAT_MAX_GEN_LEN = 512
 
 
 class Service:
@@ -108,6 +110,8 @@ class Service:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        if limit is None and self.settings.api_style == "mlc-chat":
+            limit = min(MLC_CHAT_MAX_GEN_LEN, window - longest)
         params = SamplingParams(
             max_tokens=window - longest if limit is None else limit,
             temperature=request.temperature,
