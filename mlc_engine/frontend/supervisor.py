@@ -101,6 +101,9 @@ def serve(
 ) -> None:
     """Start an engine for each entry of `engine_args` and serve until interrupted."""
     _check_port_free(host, port)
+    # SIGTERM unwinds like Ctrl-C, through the cleanup below. uvicorn handles both while it
+    # runs, then raises the signal again once it has shut down: that lands here too.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     run_dir = Path(tempfile.mkdtemp(prefix="mlc-engine-"))  # mode 0700
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -119,6 +122,13 @@ def serve(
             log_level="warning",
             timeout_graceful_shutdown=5,
         )
+    except KeyboardInterrupt:
+        log.info("stopping")
     finally:
         stop_engines(processes)
         shutil.rmtree(run_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

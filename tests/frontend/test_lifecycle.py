@@ -1,0 +1,121 @@
+"""The server's process tree: clean shutdown, a dead engine, several workers, and curl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+from conftest import free_port, running_server, serve_command
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def _children(pid: int) -> list[int]:
+    """Every process descended from `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                found.append(int(entry.name))
+    return found + [grandchild for child in found for grandchild in _children(child)]
+
+
+def _engine_pids(server_pid: int) -> list[int]:
+    pids = []
+    for pid in _children(server_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"engine" in command:
+            pids.append(pid)
+    return pids
+
+
+def test_sigterm_stops_engines_and_removes_the_run_directory(tiny_chat_model: Path) -> None:
+    port = free_port()
+    command = [*serve_command(tiny_chat_model), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        ready = ""
+        while "ready at" not in ready and time.monotonic() < deadline:
+            ready = process.stdout.readline() if process.stdout else ""
+            assert process.poll() is None
+        engines = _engine_pids(process.pid)
+        assert engines
+        sockets = [
+            arg.decode().removeprefix("ipc://")
+            for pid in engines
+            for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if arg.startswith(b"ipc://")
+        ]
+        assert sockets and all(Path(path).exists() for path in sockets)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    for pid in engines:
+        assert not Path(f"/proc/{pid}").exists(), "an engine outlived the server"
+    assert not any(Path(path).exists() for path in sockets)
+    assert not Path(sockets[0]).parent.exists()  # the run directory
+
+
+def test_a_dead_engine_turns_health_and_requests_into_503(tiny_chat_model: Path) -> None:
+    with running_server(serve_command(tiny_chat_model)) as url:
+        server_pid = _server_pid(url)
+        (engine,) = _engine_pids(server_pid)
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and "engine" in health.json()["error"]["message"]
+        chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO}, timeout=30)
+        assert chat.status_code == 503
+
+
+def _server_pid(url: str) -> int:
+    """The `mlc-engine serve` process listening at `url` (found by its --port argument)."""
+    port = url.rsplit(":", 1)[1].encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in args and port in args:
+            return int(entry.name)
+    raise AssertionError(f"no server process for {url}")
+
+
+def test_two_workers_serve_alongside_each_other(tiny_chat_model: Path) -> None:
+    with running_server(serve_command(tiny_chat_model, "--workers", "2")) as url:
+        body = {"messages": HELLO, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        replies = [
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60) for _ in range(6)
+        ]
+        assert all(reply.status_code == 200 for reply in replies)
+        assert len({reply.json()["choices"][0]["message"]["content"] for reply in replies}) == 1
+
+
+def test_curl_streams_events(tiny_server_url: str) -> None:
+    body = {"messages": HELLO, "max_tokens": 3, "stream": True, "ignore_eos": True}
+    result = subprocess.run(
+        ["curl", "-sN", f"{tiny_server_url}/v1/chat/completions",
+         "-H", "Content-Type: application/json", "-d", json.dumps(body)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    events = [line for line in result.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 5
