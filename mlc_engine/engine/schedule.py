@@ -1,12 +1,19 @@
 """CPU schedules for the compiled kernels, chosen by the kernel's structure, not by layer name.
 
-Matmuls (`NT_matmul` fed by a `dequantize` block, see `model/layers.py`) get two schedules in
+Matmuls (`NT_matmul` fed by a `dequantize` block, see `model/layers.py`) get several schedules in
 one kernel, picked at run time by the number of rows (tokens) it multiplies:
-- few rows (decode): a matrix-vector schedule. The dequantization is inlined; output columns run
-  in parallel tasks and each dot product accumulates in one SIMD register of partial sums.
-- many rows (prefill, large batches): each parallel task dequantizes a tile of columns once, into
-  a transposed local buffer, and runs every row against it with the columns in SIMD lanes, so the
-  4-bit decoding is paid once per weight rather than once per row.
+- up to 8 rows (decode): matrix-vector schedules. The dequantization is inlined; output columns
+  run in parallel tasks, and each step along k decodes one SIMD vector of weights per column and
+  multiplies it into a register tile of partial sums (rows x columns, one register each). The
+  rows are padded to the tile (1, 4 or 8), so that every decoded weight serves all of them.
+- more rows (prefill, large batches): each parallel task dequantizes a tile of columns once, into
+  a transposed local buffer (columns in SIMD lanes), then runs a 6-row x 16-column register tile
+  of accumulators over it, so that the 4-bit decoding is paid once per weight rather than once
+  per row and each weight vector loaded feeds six FMAs.
+
+Row padding goes through `pad_einsum`: x is copied into a zero-padded buffer and the result is
+copied out, which costs little beside the matmul and keeps predicates out of the inner loops
+(TVM does not vectorize under a predicate on a symbolic row count).
 """
 
 from __future__ import annotations
@@ -15,11 +22,25 @@ import tvm
 from tvm import s_tir, tirx
 
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
+from mlc_engine.engine.quantization import CODES_PER_WORD
 
-GEMV_COLUMNS_PER_TASK = 8
+GEMV_COLUMNS_PER_TASK = 16
+# Accumulator registers a matrix-vector tile keeps in flight (row tile x columns): enough
+# independent FMA chains to hide the FMA latency, few enough to stay in 16 SIMD registers.
+GEMV_ACCUMULATORS = 8
 GEMM_COLUMNS_PER_TASK = 32
-# Up to this many rows the matrix-vector schedule wins (measured on AVX2, SmolLM2 shapes).
-MAX_GEMV_ROWS = 8
+# The matrix-matrix register tile: 6 rows x 16 columns = 12 AVX2 accumulators, plus two weight
+# vectors and one broadcast row value.
+GEMM_ROW_TILE = 6
+GEMM_COLUMN_TILE = 16
+# Row counts up to each bound go to the matrix-vector schedule with that row tile (measured on
+# AVX2, SmolLM2 shapes); beyond the last, the matrix-matrix schedule.
+GEMV_ROW_TILES = (1, 4, 8)
+# Scope of the register tiles. A small constant-size "global" allocation becomes a stack array,
+# which LLVM promotes to registers; a "local" one becomes a heap workspace, and in a library of
+# many kernels (whose arguments LLVM cannot assume unaliased) every partial sum is then stored
+# back on every step of k: prefill ran 3x slower that way.
+REGISTER_SCOPE = "global"
 
 
 def vector_lanes(target: tvm.target.Target) -> int:
@@ -32,45 +53,94 @@ def vector_lanes(target: tvm.target.Target) -> int:
     return 4
 
 
-def _schedule_gemv(sch: s_tir.Schedule, lanes: int) -> None:
-    sch.compute_inline(sch.get_sblock(DEQUANTIZE_BLOCK))
+def _pad_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, tile: int) -> None:
+    """Pad the (symbolic) rows of the matmul to a multiple of `tile`, so that a register tile of
+    rows needs no predicate: x is copied into a zero-padded buffer and the result copied out."""
+    *spatial, _, _ = sch.get_loops(block)
+    padding = [1] * (len(spatial) + 2)
+    symbolic = [
+        i for i, loop in enumerate(spatial) if not isinstance(sch.get(loop).extent, tirx.IntImm)
+    ]
+    padding[symbolic[-1] if symbolic else len(spatial) - 1] = tile
+    sch.pad_einsum(block, padding)
+
+
+def _schedule_gemv(sch: s_tir.Schedule, lanes: int, row_tile: int) -> None:
+    """Matrix-vector schedule for up to `row_tile` rows at a time (weights decoded inline)."""
+    column_unroll = max(1, GEMV_ACCUMULATORS // row_tile)
     block = sch.get_sblock(MATMUL_BLOCK)
     epilogues = sch.get_consumers(block)
+    if row_tile > 1:
+        _pad_rows(sch, block, row_tile)
+        (unpad,) = sch.get_consumers(block)
+        for epilogue in epilogues:
+            sch.reverse_compute_inline(epilogue)
+        epilogues = [unpad]
+    sch.compute_inline(sch.get_sblock(DEQUANTIZE_BLOCK))
     *spatial, column, k = sch.get_loops(block)
     rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-    column_tasks, column_inner = sch.split(column, [None, GEMV_COLUMNS_PER_TASK])
+    row_tiles, row_inner = sch.split(rows, [None, row_tile])
+    column_tasks, column_group, column_inner = sch.split(
+        column, [None, GEMV_COLUMNS_PER_TASK // column_unroll, column_unroll]
+    )
     k_outer, k_inner = sch.split(k, [None, lanes])
-    sch.reorder(column_tasks, rows, column_inner, k_outer, k_inner)
+    # Several columns (and rows) per step of k: independent FMA chains hide the FMA latency,
+    # and each decoded weight vector serves every row of the tile.
+    sch.reorder(column_tasks, row_tiles, column_group, k_outer, column_inner, row_inner, k_inner)
     partial = sch.rfactor(k_inner, 0)
-    tasks, _, inner, k_outer, vector = sch.get_loops(partial)
+    tasks, _, group, k_outer, inner, row_inner, vector = sch.get_loops(partial)
     sch.parallel(tasks)
-    sch.set_scope(partial, 0, "local")
-    sch.reverse_compute_at(block, inner)
+    sch.set_scope(partial, 0, REGISTER_SCOPE)
+    # Partial sums with the SIMD lanes innermost, so that each is one contiguous vector.
+    sch.transform_layout(partial, ("write", 0), lambda lane, *rest: (*rest, lane))
+    sch.reverse_compute_at(block, group)
     # Vectorize before splitting off the init: afterwards the update block fails the check.
     sch.vectorize(vector)
+    sch.unroll(inner)
+    sch.unroll(row_inner)
     sch.decompose_reduction(partial, k_outer)
     for epilogue in epilogues:
-        sch.reverse_compute_at(epilogue, inner)
+        sch.reverse_compute_at(epilogue, group)
 
 
-def _schedule_gemm(sch: s_tir.Schedule) -> None:
+def _vectorize_dequantize(sch: s_tir.Schedule, weight: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Decode the weight tile with columns in SIMD lanes: one packed word per column serves the
+    CODES_PER_WORD rows of the tile it holds, each written as a contiguous run of lanes."""
+    column, k = sch.get_loops(weight)[-2:]
+    word, code = sch.split(k, [None, CODES_PER_WORD])
+    column_outer, column_lanes = sch.split(column, [None, lanes])
+    sch.reorder(word, column_outer, code, column_lanes)
+    sch.unroll(code)
+    sch.vectorize(column_lanes)
+
+
+def _schedule_gemm(sch: s_tir.Schedule, lanes: int) -> None:
+    """Matrix-matrix schedule: a decoded weight tile per task, a register tile of rows over it."""
     block = sch.get_sblock(MATMUL_BLOCK)
     weight = sch.get_sblock(DEQUANTIZE_BLOCK)
     epilogues = sch.get_consumers(block)
-    *spatial, column, k = sch.get_loops(block)
-    rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-    column_tasks, column_inner = sch.split(column, [None, GEMM_COLUMNS_PER_TASK])
-    sch.reorder(column_tasks, rows, k, column_inner)
-    sch.parallel(column_tasks)
-    write_back = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(write_back, rows)
+    _pad_rows(sch, block, GEMM_ROW_TILE)
+    (unpad,) = sch.get_consumers(block)
     for epilogue in epilogues:
         sch.reverse_compute_inline(epilogue)
+    *spatial, column, k = sch.get_loops(block)
+    rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    column_tasks, column_tile, column_lanes = sch.split(
+        column, [None, GEMM_COLUMNS_PER_TASK // GEMM_COLUMN_TILE, GEMM_COLUMN_TILE]
+    )
+    row_tiles, row_inner = sch.split(rows, [None, GEMM_ROW_TILE])
+    sch.reorder(column_tasks, row_tiles, column_tile, k, row_inner, column_lanes)
+    sch.parallel(column_tasks)
+    # The accumulators: a row tile x column tile block, kept in registers once unrolled.
+    sch.reverse_compute_at(unpad, column_tile)
+    sch.set_scope(block, 0, REGISTER_SCOPE)
     # The weight tile, transposed so that a row of it is a run of SIMD lanes.
     sch.transform_layout(weight, ("write", 0), lambda n, kk: (kk, n))
     sch.compute_at(weight, column_tasks)
     sch.set_scope(weight, 0, "local")
-    sch.vectorize(column_inner)
+    _vectorize_dequantize(sch, weight, lanes)
+    sch.unroll(row_inner)
+    sch.vectorize(column_lanes)
     sch.decompose_reduction(block, k)
 
 
@@ -84,16 +154,20 @@ def _row_count(func: tirx.PrimFunc) -> tirx.PrimExpr:
 
 
 def _schedule_matmul(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
-    gemv, gemm = s_tir.Schedule(func), s_tir.Schedule(func)
-    _schedule_gemv(gemv, lanes)
-    _schedule_gemm(gemm)
+    """One kernel holding a schedule per range of row counts, picked at run time."""
+    variants: list[tuple[int | None, s_tir.Schedule]] = []
+    for row_tile in GEMV_ROW_TILES:
+        variants.append((row_tile, s_tir.Schedule(func)))
+        _schedule_gemv(variants[-1][1], lanes, row_tile)
+    variants.append((None, s_tir.Schedule(func)))
+    _schedule_gemm(variants[-1][1], lanes)
     rows = _row_count(func)
     if isinstance(rows, tirx.IntImm):
-        chosen = gemv if rows.value <= MAX_GEMV_ROWS else gemm
-        return chosen.mod["main"]
-    # Both bodies in one kernel, dispatched on the row count at run time (as MLC-LLM does
-    # for low-batch GEMV on GPUs).
-    body = tirx.IfThenElse(rows <= MAX_GEMV_ROWS, gemv.mod["main"].body, gemm.mod["main"].body)
+        return next(s.mod["main"] for bound, s in variants if bound is None or rows.value <= bound)
+    # Dispatch on the row count at run time (as MLC-LLM does for low-batch GEMV on GPUs).
+    body = variants[-1][1].mod["main"].body
+    for bound, sch in reversed(variants[:-1]):
+        body = tirx.IfThenElse(rows <= bound, sch.mod["main"].body, body)
     root = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
     return func.with_body(root).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
 
