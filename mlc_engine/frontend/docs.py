@@ -62,7 +62,7 @@ def openapi_spec(title: str) -> dict[str, Any]:
             }
         paths.setdefault(path, {})[method] = operation
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.0.3",  # what the bundled Swagger UI 4 renders
         "info": {"title": title, "version": "1"},
         "paths": paths,
         "components": {"schemas": definitions.get("$defs", {})},

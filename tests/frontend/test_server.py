@@ -4,6 +4,9 @@ the tiny chat model (SmolLM2's tokenizer and template, random weights)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -228,3 +231,18 @@ def test_a_full_queue_answers_429_with_retry_after(guarded_server: str) -> None:
     busy = next(response for response in responses if response.status_code == 429)
     assert int(busy.headers["Retry-After"]) >= 1
     assert busy.json()["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)"
+)
+def test_docs_render_every_route_in_headless_chromium(tiny_server_url: str, tmp_path: Path) -> None:
+    script = Path(__file__).parents[2] / "scripts" / "docs_screenshot.py"
+    shot = tmp_path / "docs.png"
+    result = subprocess.run(
+        [sys.executable, str(script), tiny_server_url, "--output", str(shot)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "10 of 10 routes listed" in result.stdout
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
