@@ -4,7 +4,8 @@
 goes out before the subscription is live. One task reads the PUB socket and routes each output
 to its request's stream. The engine counts as dead on ENGINE_DEAD, on the connection dropping
 (a killed process), or after `heartbeat_timeout` seconds of silence; every open stream then
-ends with an error and new requests fail at once.
+ends with an error and new requests fail at once, until an engine restarted at the same
+endpoints answers a new handshake.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from mlc_engine.common.protocol import (
     pack,
     unpack,
 )
+
+REVIVE_SECONDS = 3600.0  # a restarted engine may compile its model first
 
 
 class EngineUnavailableError(RuntimeError):
@@ -77,23 +80,31 @@ class EngineClient:
         self.stats = StatsSnapshot()  # the latest the engine sent
         self.dead: str | None = None  # why the engine counts as dead
         self._last_heard = time.monotonic()
+        self._reviving = False
 
     async def connect(self, timeout: float = 60.0) -> EngineInfo:
         """Handshake with the engine; EngineUnavailableError if it does not answer in time."""
         self._tasks = [
             asyncio.create_task(self._receive()),
             asyncio.create_task(self._watch_connection()),
+            asyncio.create_task(self._watch_heartbeat()),
         ]
+        return await self._handshake(timeout)
+
+    async def _handshake(self, timeout: float) -> EngineInfo:
+        """Send HELLO until READY comes back on this client's topic."""
+        replies = self._replies[MessageType.READY]
+        while not replies.empty():  # answers to earlier HELLOs, perhaps from a dead engine
+            replies.get_nowait()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.dead is None:
+        while time.monotonic() < deadline:
             self._send(MessageType.HELLO, Hello(self.frontend_id))
             with contextlib.suppress(TimeoutError):
-                info = await asyncio.wait_for(self._replies[MessageType.READY].get(), 0.2)
+                info: EngineInfo = await asyncio.wait_for(replies.get(), 0.2)
                 if info.error:
                     raise EngineUnavailableError(info.error)
-                self.info = info
+                self.info, self.dead = info, None
                 self._last_heard = time.monotonic()
-                self._tasks.append(asyncio.create_task(self._watch_heartbeat()))
                 return info
         raise EngineUnavailableError(self.dead or f"no answer from the engine in {timeout:.0f} s")
 
@@ -179,6 +190,7 @@ class EngineClient:
                     stream.put_nowait(output)
         elif kind is MessageType.HEARTBEAT:
             self.stats = unpack(StatsSnapshot, payload)
+            self._revive()
         elif kind is MessageType.READY:
             self._replies[kind].put_nowait(unpack(EngineInfo, payload))
         elif kind is MessageType.STATS_REPLY:
@@ -187,20 +199,35 @@ class EngineClient:
             self._die(unpack(EngineDead, payload).message)
 
     async def _watch_connection(self) -> None:
-        """A dropped connection after the engine was up means the process is gone."""
+        """A dropped connection after the engine was up means the process is gone; a new
+        connection after that is an engine restarted at the same endpoint: handshake again."""
         connected = False
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_CONNECTED:
                 connected = True
+                self._revive()
             elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
                 self._die("the engine process went away")
 
+    def _revive(self) -> None:
+        """Handshake again with an engine that was dead and shows signs of life."""
+        if self.dead is None or self.info is None or self._reviving:
+            return
+        self._reviving = True
+
+        async def handshake() -> None:
+            with contextlib.suppress(EngineUnavailableError):
+                await self._handshake(REVIVE_SECONDS)
+            self._reviving = False
+
+        self._tasks.append(asyncio.create_task(handshake()))
+
     async def _watch_heartbeat(self) -> None:
-        while self.dead is None:
+        while True:
             await asyncio.sleep(self.heartbeat_timeout / 4)
             silence = time.monotonic() - self._last_heard
-            if silence > self.heartbeat_timeout:
+            if self.dead is None and self.info is not None and silence > self.heartbeat_timeout:
                 self._die(f"no heartbeat from the engine for {silence:.1f} s")
 
     def _die(self, reason: str) -> None:

@@ -1,6 +1,8 @@
 """`mlc-engine serve`'s process tree: one engine process per device, then, once every engine
-has answered the handshake, uvicorn running the frontend (in one or more workers). On Ctrl-C
-or SIGTERM uvicorn stops, then the engines, and the run directory with their ipc sockets goes.
+has answered the handshake, uvicorn running the frontend (in one or more workers). An engine
+that dies while serving is started again at the same endpoints, and the frontends' clients
+handshake with it anew. On Ctrl-C or SIGTERM uvicorn stops, then the engines, and the run
+directory with their ipc sockets goes.
 
 Engines run in their own session, so Ctrl-C reaches only this process, which stops them in
 order; they also get SIGTERM if this process dies without stopping them (Linux).
@@ -18,6 +20,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 STOP_SECONDS = 15
 READY_SECONDS = 3600  # loading includes compiling on first use
+WATCH_SECONDS = 0.5
+MAX_RESTART_DELAY = 30.0
 
 
 def _die_with_parent() -> None:
@@ -38,48 +44,85 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_engine(
-    engine_args: list[str], run_dir: Path, index: int
-) -> tuple[subprocess.Popen[bytes], list[str]]:
-    endpoints = [f"ipc://{run_dir}/engine{index}-input", f"ipc://{run_dir}/engine{index}-output"]
-    command = [sys.executable, "-m", "mlc_engine", "engine", *engine_args]
-    command += ["--input", endpoints[0], "--output", endpoints[1]]
-    process = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
-    return process, endpoints
+class EngineProcess:
+    """One `mlc-engine engine` child, with the endpoints it binds in the run directory."""
 
+    def __init__(self, args: list[str], run_dir: Path, index: int):
+        self.index = index
+        self.endpoints = [
+            f"ipc://{run_dir}/engine{index}-input",
+            f"ipc://{run_dir}/engine{index}-output",
+        ]
+        self.command = [sys.executable, "-m", "mlc_engine", "engine", *args]
+        self.command += ["--input", self.endpoints[0], "--output", self.endpoints[1]]
+        self.restarts = 0
+        self.process = self._spawn()
 
-def stop_engines(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.started = time.monotonic()
+        return subprocess.Popen(self.command, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def restart(self) -> None:
+        log.error("engine %d exited with code %s; starting it again", self.index, self.returncode)
+        self.restarts += 1
+        self.process = self._spawn()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self) -> None:
         try:
-            process.wait(timeout=STOP_SECONDS)
+            self.process.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
-            log.warning("engine %d did not stop in %d s; killing it", process.pid, STOP_SECONDS)
-            process.kill()
-            process.wait()
+            log.warning("engine %d did not stop in %d s; killing it", self.index, STOP_SECONDS)
+            self.process.kill()
+            self.process.wait()
 
-
-async def _wait_ready(processes: list[subprocess.Popen[bytes]], endpoints: list[list[str]]) -> None:
-    """Handshake with each engine, failing fast if one exits while it loads."""
-    for index, (process, (inputs, outputs)) in enumerate(zip(processes, endpoints, strict=True)):
-        client = EngineClient(inputs, outputs)
+    async def wait_ready(self) -> None:
+        """Handshake with the engine, failing fast if it exits while it loads."""
+        client = EngineClient(self.endpoints[0], self.endpoints[1])
         handshake = asyncio.create_task(client.connect(timeout=READY_SECONDS))
         try:
             while not handshake.done():
                 await asyncio.wait({handshake}, timeout=0.5)
-                if process.poll() is not None and not handshake.done():
+                if self.returncode is not None and not handshake.done():
                     handshake.cancel()
                     raise MLCEngineError(
-                        f"engine {index} exited with code {process.returncode} while loading "
+                        f"engine {self.index} exited with code {self.returncode} while loading "
                         "(its log is above)"
                     )
             handshake.result()
         except EngineUnavailableError as error:
-            raise MLCEngineError(f"engine {index} did not start: {error}") from None
+            raise MLCEngineError(f"engine {self.index} did not start: {error}") from None
         finally:
             await client.close()
+
+
+class Watchdog(threading.Thread):
+    """Starts engines that died again, waiting longer after each quick death."""
+
+    def __init__(self, engines: list[EngineProcess]):
+        super().__init__(name="engine-watchdog", daemon=True)
+        self.engines = engines
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        due: dict[int, float] = {}
+        while not self.stopping.wait(WATCH_SECONDS):
+            for engine in self.engines:
+                if engine.returncode is None:
+                    continue
+                if engine.index not in due:
+                    delay = min(2.0**engine.restarts, MAX_RESTART_DELAY)
+                    due[engine.index] = time.monotonic() + delay
+                elif time.monotonic() >= due[engine.index] and not self.stopping.is_set():
+                    del due[engine.index]
+                    engine.restart()
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -90,6 +133,11 @@ def _check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise MLCEngineError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+
+
+async def _wait_ready(engines: list[EngineProcess]) -> None:
+    for engine in engines:
+        await engine.wait_ready()
 
 
 def serve(
@@ -105,14 +153,15 @@ def serve(
     # runs, then raises the signal again once it has shut down: that lands here too.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     run_dir = Path(tempfile.mkdtemp(prefix="mlc-engine-"))  # mode 0700
-    processes: list[subprocess.Popen[bytes]] = []
+    engines: list[EngineProcess] = []
+    watchdog = Watchdog(engines)
     try:
         for index, args in enumerate(engine_args):
-            process, endpoints = start_engine(args, run_dir, index)
-            processes.append(process)
-            settings.engines.append(endpoints)
-        asyncio.run(_wait_ready(processes, settings.engines))
+            engines.append(EngineProcess(args, run_dir, index))
+        asyncio.run(_wait_ready(engines))
+        settings.engines = [engine.endpoints for engine in engines]
         settings.to_env()
+        watchdog.start()
         uvicorn.run(
             "mlc_engine.frontend.app:create_app_from_env",
             factory=True,
@@ -125,7 +174,13 @@ def serve(
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
-        stop_engines(processes)
+        watchdog.stopping.set()
+        if watchdog.is_alive():
+            watchdog.join()
+        for engine in engines:
+            engine.stop()
+        for engine in engines:
+            engine.wait()
         shutil.rmtree(run_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
 

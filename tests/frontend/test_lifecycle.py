@@ -71,18 +71,23 @@ def test_sigterm_stops_engines_and_removes_the_run_directory(tiny_chat_model: Pa
     assert not Path(sockets[0]).parent.exists()  # the run directory
 
 
-def test_a_dead_engine_turns_health_and_requests_into_503(tiny_chat_model: Path) -> None:
+def test_a_dead_engine_means_503_until_it_is_started_again(tiny_chat_model: Path) -> None:
     with running_server(serve_command(tiny_chat_model)) as url:
-        server_pid = _server_pid(url)
-        (engine,) = _engine_pids(server_pid)
+        (engine,) = _engine_pids(_server_pid(url))
         os.kill(engine, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while httpx.get(f"{url}/health").status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and "engine" in health.json()["error"]["message"]
         chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO}, timeout=30)
         assert chat.status_code == 503
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        body = {"messages": HELLO, "max_tokens": 3}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        assert _engine_pids(_server_pid(url)) not in ([], [engine])
 
 
 def _server_pid(url: str) -> int:
