@@ -110,6 +110,13 @@ def _vectorize_dequantize(sch: s_tir.Schedule, weight: s_tir.schedule.SBlockRV, 
     word, code = sch.split(k, [None, CODES_PER_WORD])
     column_outer, column_lanes = sch.split(column, [None, lanes])
     sch.reorder(word, column_outer, code, column_lanes)
+    # The words, scales (and minimums) of a vector of columns, gathered once into registers:
+    # left in memory, they were gathered again for every code, the tile's stores possibly
+    # aliasing them for LLVM.
+    for index in range(len(sch.get(weight).reads)):
+        cached = sch.cache_read(weight, index, REGISTER_SCOPE)
+        sch.compute_at(cached, column_outer)
+        sch.vectorize(sch.get_loops(cached)[-1])
     sch.unroll(code)
     sch.vectorize(column_lanes)
 
