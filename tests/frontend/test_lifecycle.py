@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -113,6 +114,23 @@ def test_two_workers_serve_alongside_each_other(tiny_chat_model: Path) -> None:
         ]
         assert all(reply.status_code == 200 for reply in replies)
         assert len({reply.json()["choices"][0]["message"]["content"] for reply in replies}) == 1
+
+
+def test_requests_spread_over_two_engines(tiny_chat_model: Path) -> None:
+    command = serve_command(tiny_chat_model, "--num-threads", "1")
+    command[command.index("cpu")] = "cpu,cpu"
+    with running_server(command) as url:
+        body = {"messages": HELLO, "max_tokens": 40, "ignore_eos": True}
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(
+                pool.map(
+                    lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120),
+                    range(4),
+                )
+            )
+        assert all(reply.status_code == 200 for reply in replies)
+        engines = httpx.get(f"{url}/verbose_stats").json()["engines"]
+        assert len(engines) == 2 and all(engine["decode_tokens"] > 0 for engine in engines)
 
 
 def test_curl_streams_events(tiny_server_url: str) -> None:

@@ -196,6 +196,7 @@ def test_openapi_lists_every_endpoint_and_docs_are_served(tiny_server_url: str) 
 def guarded_server(tiny_chat_model: Path) -> Iterator[str]:
     """One sequence at a time, no queue, an API key: for 429 and 401."""
     options = ("--max-num-seqs", "1", "--max-queue", "0", "--api-key", "sesame")
+    options += ("--allowed-origin", "http://app.example")
     with running_server(serve_command(tiny_chat_model, *options)) as url:
         yield url
 
@@ -246,3 +247,16 @@ def test_docs_render_every_route_in_headless_chromium(tiny_server_url: str, tmp_
     assert result.returncode == 0, result.stdout + result.stderr
     assert "10 of 10 routes listed" in result.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cors_headers_for_an_allowed_origin(guarded_server: str) -> None:
+    allowed = httpx.get(f"{guarded_server}/health", headers={"Origin": "http://app.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://app.example"
+    other = httpx.get(f"{guarded_server}/health", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_a_body_over_the_limit_gets_413(tiny_server_url: str) -> None:
+    huge = {"messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
+    response = httpx.post(tiny_server_url + CHAT, json=huge, timeout=60)
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
