@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from mlc_engine.common.client import EngineClient
 from mlc_engine.common.protocol import SamplingParams, SequenceOutput, TokenLogprob
-from mlc_engine.frontend.errors import EngineFailureError
+from mlc_engine.frontend.errors import EngineFailureError, UnavailableError
 from mlc_engine.frontend.metrics import Metrics
 from mlc_engine.frontend.text import IncrementalDetokenizer, Tokenizer
 from mlc_engine.frontend.text.stop import StopStringMatcher
@@ -125,7 +125,10 @@ class Generation:
                     done.add(prompt_index)
                     continue
                 if output.finish_reason == "error":
-                    raise EngineFailureError(output.error or "the engine failed the request")
+                    message = output.error or "the engine failed the request"
+                    if self.client.dead is not None:
+                        raise UnavailableError(message)
+                    raise EngineFailureError(message)
                 delta = self._accept(prompt_index, output)
                 if delta is not None:
                     yield delta

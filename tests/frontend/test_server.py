@@ -145,8 +145,12 @@ def _kv_free(url: str) -> int:
     return sum(engine["kv_pages_free"] for engine in stats["engines"])
 
 
+def _decoded(url: str) -> int:
+    return int(httpx.get(f"{url}/verbose_stats", timeout=30).json()["decode_tokens"])
+
+
 def test_client_disconnect_frees_kv_pages(tiny_server_url: str) -> None:
-    idle = _kv_free(tiny_server_url)
+    idle, decoded = _kv_free(tiny_server_url), _decoded(tiny_server_url)
     body = {"messages": HELLO, "max_tokens": 900, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", tiny_server_url + CHAT, json=body, timeout=60) as response:
         lines = response.iter_lines()
@@ -157,6 +161,19 @@ def test_client_disconnect_frees_kv_pages(tiny_server_url: str) -> None:
     while _kv_free(tiny_server_url) < idle and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _kv_free(tiny_server_url) == idle
+    assert _decoded(tiny_server_url) - decoded < 800  # aborted, not run to the end
+
+
+def test_a_client_that_gives_up_on_a_whole_reply_frees_kv_pages(tiny_server_url: str) -> None:
+    idle, decoded = _kv_free(tiny_server_url), _decoded(tiny_server_url)
+    body = {"messages": HELLO, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_server_url + CHAT, json=body, timeout=httpx.Timeout(5, read=0.5))
+    deadline = time.monotonic() + 5
+    while _kv_free(tiny_server_url) < idle and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _kv_free(tiny_server_url) == idle
+    assert _decoded(tiny_server_url) - decoded < 800  # aborted, not run to the end
 
 
 def test_models_health_tokenize_detokenize_and_metrics(tiny_server_url: str) -> None:
