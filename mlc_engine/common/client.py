@@ -60,9 +60,11 @@ class EngineClient:
         self._topic = self.frontend_id.encode()
         self.heartbeat_timeout = heartbeat_timeout
         self._context = zmq.asyncio.Context()
+        # Nothing waits to be sent once the client goes: closing (or garbage-collecting) the
+        # context must never block on an engine that is gone.
+        self._context.setsockopt(zmq.LINGER, 0)
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(input_endpoint)
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.RCVHWM, 0)
