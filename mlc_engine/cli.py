@@ -55,16 +55,13 @@ def _progress() -> Progress:
     )
 
 
-def _load(  # noqa: ANN202
-    model: str | None, device_text: str, lib_path: Path | None, num_threads: int | None
-):
-    """Resolve, convert and compile as needed; returns (runtime, tokenizer, chat template)."""
-    from mlc_engine.common.device import tvm_device
+def _prepare(
+    model: str | None, devices: list[Device], lib_path: Path | None
+) -> tuple[Path, list[Path]]:
+    """Resolve the model folder (converting the default model on first use) and its library
+    for each device (compiling what is not cached), with progress bars."""
     from mlc_engine.engine.models import prepare_library, prepare_model
-    from mlc_engine.engine.runtime import ModelRuntime
-    from mlc_engine.frontend.text import ChatTemplate, Tokenizer
 
-    device = _device(device_text)
     with _progress() as bar:
         tasks: dict[str, TaskID] = {}
 
@@ -73,11 +70,24 @@ def _load(  # noqa: ANN202
                 tasks[what] = bar.add_task(what, total=total or None)
             bar.advance(tasks[what], done)
 
-        folder = prepare_model(model, device, show)
+        folder = prepare_model(model, devices[0], show)
         start = time.perf_counter()
-        lib = prepare_library(folder, device, lib_path, show)
+        libraries = [prepare_library(folder, device, lib_path, show) for device in devices]
     if "compiling: generating machine code" in tasks:
-        console.print(f"compiled {lib.name} in {time.perf_counter() - start:.1f} s")
+        console.print(f"compiled {libraries[-1].name} in {time.perf_counter() - start:.1f} s")
+    return folder, libraries
+
+
+def _load(  # noqa: ANN202
+    model: str | None, device_text: str, lib_path: Path | None, num_threads: int | None
+):
+    """Resolve, convert and compile as needed; returns (runtime, tokenizer, chat template)."""
+    from mlc_engine.common.device import tvm_device
+    from mlc_engine.engine.runtime import ModelRuntime
+    from mlc_engine.frontend.text import ChatTemplate, Tokenizer
+
+    device = _device(device_text)
+    folder, (lib,) = _prepare(model, [device], lib_path)
     runtime = ModelRuntime(lib, folder, tvm_device(device), num_threads)
     tokenizer = Tokenizer.from_folder(folder, runtime.config)
     return runtime, tokenizer, ChatTemplate.from_config(runtime.config, tokenizer)
@@ -292,7 +302,6 @@ def serve(
 ) -> None:
     """Prepare the model (convert and compile once, here), then start one engine per device and
     the HTTP frontend; returns when the server is stopped."""
-    from mlc_engine.engine.models import prepare_library, prepare_model
     from mlc_engine.frontend.settings import API_STYLES, ServeSettings
     from mlc_engine.frontend.supervisor import serve as run_server
 
@@ -301,16 +310,7 @@ def serve(
     chosen = [_device(text.strip()) for text in devices.split(",") if text.strip()]
     if not chosen:
         raise MLCEngineError("--device names no device")
-    with _progress() as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def show(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total or None)
-            bar.advance(tasks[what], done)
-
-        folder = prepare_model(model, chosen[0], show)
-        libraries = [prepare_library(folder, device, lib_path, show) for device in chosen]
+    folder, libraries = _prepare(model, chosen, lib_path)
     engine_args = [
         ["--model", str(folder), "--device", device.name, "--lib-path", str(library)]
         + list(engine_options or [])

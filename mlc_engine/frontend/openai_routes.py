@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import falcon.asgi
 
 from mlc_engine.frontend.disconnect import until_disconnected
 from mlc_engine.frontend.errors import APIError
-from mlc_engine.frontend.generation import Delta, Generation
+from mlc_engine.frontend.generation import Delta, Generation, Usage
 from mlc_engine.frontend.responses import (
     ResponseIds,
     chat_logprobs,
@@ -59,6 +59,43 @@ async def _events(
         yield sse(error.body())
 
 
+async def _merged(deltas: AsyncGenerator[Delta, None], count: int) -> list[Delta]:
+    """Each choice's deltas joined into one (a reply that is not streamed)."""
+    whole = [Delta(index, "", [], "stop") for index in range(count)]
+    async for delta in deltas:
+        choice = whole[delta.index]
+        choice.text += delta.text
+        choice.tokens += delta.tokens
+        choice.finish_reason = delta.finish_reason or choice.finish_reason
+    return whole
+
+
+def _stream_end(ids: ResponseIds, object_type: str, usage: Usage | None) -> list[bytes]:
+    """The usage chunk when asked for, then [DONE]."""
+    events = []
+    if usage is not None:
+        events.append(sse({**ids.head(object_type), "choices": [], "usage": usage.as_dict()}))
+    return [*events, sse("[DONE]")]
+
+
+async def _respond(
+    req: falcon.asgi.Request,
+    resp: falcon.asgi.Response,
+    generation: Generation,
+    stream: bool,
+    render_stream: Callable[[AsyncGenerator[Delta, None]], AsyncIterator[bytes]],
+    render_whole: Callable[[AsyncGenerator[Delta, None]], Awaitable[dict[str, Any]]],
+) -> None:
+    deltas = until_disconnected(generation.deltas(), req.scope)
+    if stream:
+        started = await _started(deltas)
+        resp.content_type = "text/event-stream"
+        resp.set_header("Cache-Control", "no-cache")
+        resp.stream = render_stream(started)
+    else:
+        resp.media = await render_whole(deltas)
+
+
 class ChatCompletions:
     def __init__(self, service: Service):
         self.service = service
@@ -71,14 +108,14 @@ class ChatCompletions:
         params = service.sampling_params(body, [prompt], body.logprobs, top)
         generation = service.start([prompt], params, body.stop_strings())
         ids = ResponseIds("chatcmpl", generation.request_id, service.model_name)
-        deltas = until_disconnected(generation.deltas(), req.scope)
-        if body.stream:
-            started = await _started(deltas)
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
-            resp.stream = self._stream(started, generation, ids, body)
-        else:
-            resp.media = await self._whole(deltas, generation, ids, body)
+        await _respond(
+            req,
+            resp,
+            generation,
+            body.stream,
+            lambda deltas: self._stream(deltas, generation, ids, body),
+            lambda deltas: self._whole(deltas, generation, ids, body),
+        )
 
     def _stream(
         self,
@@ -119,11 +156,7 @@ class ChatCompletions:
             return events
 
         def tail() -> list[bytes]:
-            events = []
-            if usage:
-                last = {**ids.head("chat.completion.chunk"), "choices": []}
-                events.append(sse({**last, "usage": generation.usage.as_dict()}))
-            return [*events, sse("[DONE]")]
+            return _stream_end(ids, "chat.completion.chunk", generation.usage if usage else None)
 
         return _events(deltas, render, tail)
 
@@ -134,23 +167,16 @@ class ChatCompletions:
         ids: ResponseIds,
         body: ChatCompletionRequest,
     ) -> dict[str, Any]:
-        n = body.n
-        texts, reasons = [""] * n, ["stop"] * n
-        tokens: list[list] = [[] for _ in range(n)]
-        async for delta in deltas:
-            texts[delta.index] += delta.text
-            tokens[delta.index] += delta.tokens
-            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
         choices = []
-        for index in range(n):
+        for whole in await _merged(deltas, body.n):
             choice: dict[str, Any] = {
-                "index": index,
-                "message": {"role": "assistant", "content": texts[index]},
+                "index": whole.index,
+                "message": {"role": "assistant", "content": whole.text},
                 "logprobs": None,
-                "finish_reason": reasons[index],
+                "finish_reason": whole.finish_reason,
             }
             if body.logprobs:
-                choice["logprobs"] = chat_logprobs(tokens[index], self.service.token_text)
+                choice["logprobs"] = chat_logprobs(whole.tokens, self.service.token_text)
             choices.append(choice)
         return {
             **ids.head("chat.completion"),
@@ -172,14 +198,14 @@ class Completions:
         params.prompt_logprobs = body.echo and wants_logprobs
         generation = service.start(prompts, params, body.stop_strings())
         ids = ResponseIds("cmpl", generation.request_id, service.model_name)
-        deltas = until_disconnected(generation.deltas(), req.scope)
-        if body.stream:
-            started = await _started(deltas)
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
-            resp.stream = self._stream(started, generation, ids, body)
-        else:
-            resp.media = await self._whole(deltas, generation, ids, body)
+        await _respond(
+            req,
+            resp,
+            generation,
+            body.stream,
+            lambda deltas: self._stream(deltas, generation, ids, body),
+            lambda deltas: self._whole(deltas, generation, ids, body),
+        )
 
     def _echo(self, generation: Generation, index: int) -> tuple[str, list]:
         """The prompt's text and tokens (with logprobs when asked) of choice `index`."""
@@ -221,11 +247,7 @@ class Completions:
             return [sse({**ids.head("text_completion"), "choices": [choice], **extra})]
 
         def tail() -> list[bytes]:
-            events = []
-            if usage:
-                last = {**ids.head("text_completion"), "choices": []}
-                events.append(sse({**last, "usage": generation.usage.as_dict()}))
-            return [*events, sse("[DONE]")]
+            return _stream_end(ids, "text_completion", generation.usage if usage else None)
 
         return _events(deltas, render, tail)
 
@@ -236,21 +258,14 @@ class Completions:
         ids: ResponseIds,
         body: CompletionRequest,
     ) -> dict[str, Any]:
-        count = len(generation.choices)
-        texts, reasons = [""] * count, ["stop"] * count
-        tokens: list[list] = [[] for _ in range(count)]
-        async for delta in deltas:
-            texts[delta.index] += delta.text
-            tokens[delta.index] += delta.tokens
-            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
         choices = []
-        for index in range(count):
-            text, choice_tokens = texts[index], tokens[index]
+        for whole in await _merged(deltas, len(generation.choices)):
+            text, tokens = whole.text, whole.tokens
             if body.echo:
-                echo_text, echo_tokens = self._echo(generation, index)
-                text, choice_tokens = echo_text + text, echo_tokens + choice_tokens
-            choice = self._choice(body, index, text, choice_tokens, 0)
-            choice["finish_reason"] = reasons[index]
+                echo_text, echo_tokens = self._echo(generation, whole.index)
+                text, tokens = echo_text + text, echo_tokens + tokens
+            choice = self._choice(body, whole.index, text, tokens, 0)
+            choice["finish_reason"] = whole.finish_reason
             choices.append(choice)
         return {
             **ids.head("text_completion"),
