@@ -3,9 +3,10 @@
 Matmuls (`NT_matmul` fed by a `dequantize` block, see `model/layers.py`) get several schedules in
 one kernel, picked at run time by the number of rows (tokens) it multiplies:
 - up to 8 rows (decode): matrix-vector schedules. The dequantization is inlined; output columns
-  run in parallel tasks, and each step along k decodes one SIMD vector of weights per column and
-  multiplies it into a register tile of partial sums (rows x columns, one register each). The
-  rows are padded to the tile (1, 4 or 8), so that every decoded weight serves all of them.
+  run in parallel tasks, and each step along k decodes a quantization group of weights (a few
+  SIMD vectors, sharing one scale and minimum) per column and multiplies it into a register tile
+  of partial sums (rows x columns, one register each). The rows are padded to the tile (1, 4
+  or 8), so that every decoded weight serves all of them.
 - more rows (prefill, large batches): each parallel task dequantizes a tile of columns once, into
   a transposed local buffer (columns in SIMD lanes), then runs a 6-row x 16-column register tile
   of accumulators over it, so that the 4-bit decoding is paid once per weight rather than once
@@ -22,12 +23,14 @@ import tvm
 from tvm import s_tir, tirx
 
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
-from mlc_engine.engine.quantization import CODES_PER_WORD
+from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
 
 GEMV_COLUMNS_PER_TASK = 16
-# Accumulator registers a matrix-vector tile keeps in flight (row tile x columns): enough
-# independent FMA chains to hide the FMA latency, few enough to stay in 16 SIMD registers.
-GEMV_ACCUMULATORS = 8
+# Columns a matrix-vector tile works on at once, by its row tile (the accumulators in flight are
+# rows x columns). Each step covers a whole quantization group, so the tile also holds the group's
+# x vectors (one per row and step) and each column's scale and minimum in SIMD registers: with
+# 8 columns for one row they no longer fit in 16 and spilled (1.25x slower than 4 columns).
+GEMV_COLUMNS = {1: 4, 4: 2, 8: 1}
 GEMM_COLUMNS_PER_TASK = 32
 # The matrix-matrix register tile: 6 rows x 16 columns = 12 AVX2 accumulators, plus two weight
 # vectors and one broadcast row value.
@@ -35,7 +38,7 @@ GEMM_ROW_TILE = 6
 GEMM_COLUMN_TILE = 16
 # Row counts up to each bound go to the matrix-vector schedule with that row tile (measured on
 # AVX2, SmolLM2 shapes); beyond the last, the matrix-matrix schedule.
-GEMV_ROW_TILES = (1, 4, 8)
+GEMV_ROW_TILES = tuple(GEMV_COLUMNS)
 # Scope of the register tiles. A small constant-size "global" allocation becomes a stack array,
 # which LLVM promotes to registers; a "local" one becomes a heap workspace, and in a library of
 # many kernels (whose arguments LLVM cannot assume unaliased) every partial sum is then stored
@@ -65,9 +68,17 @@ def _pad_rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, tile: int) ->
     sch.pad_einsum(block, padding)
 
 
+def _vectors_per_step(k: tirx.PrimExpr, lanes: int) -> int:
+    """SIMD vectors of k a matrix-vector step covers: a whole quantization group where k is made
+    of them (always, for 4-bit weights), else one."""
+    if isinstance(k, tirx.IntImm) and k.value % GROUP_SIZE == 0 and GROUP_SIZE % lanes == 0:
+        return GROUP_SIZE // lanes
+    return 1
+
+
 def _schedule_gemv(sch: s_tir.Schedule, lanes: int, row_tile: int) -> None:
     """Matrix-vector schedule for up to `row_tile` rows at a time (weights decoded inline)."""
-    column_unroll = max(1, GEMV_ACCUMULATORS // row_tile)
+    column_unroll = GEMV_COLUMNS[row_tile]
     block = sch.get_sblock(MATMUL_BLOCK)
     epilogues = sch.get_consumers(block)
     if row_tile > 1:
@@ -83,12 +94,16 @@ def _schedule_gemv(sch: s_tir.Schedule, lanes: int, row_tile: int) -> None:
     column_tasks, column_group, column_inner = sch.split(
         column, [None, GEMV_COLUMNS_PER_TASK // column_unroll, column_unroll]
     )
-    k_outer, k_inner = sch.split(k, [None, lanes])
+    k_group, k_step, k_inner = sch.split(
+        k, [None, _vectors_per_step(sch.get(k).extent, lanes), lanes]
+    )
     # Several columns (and rows) per step of k: independent FMA chains hide the FMA latency,
     # and each decoded weight vector serves every row of the tile.
-    sch.reorder(column_tasks, row_tiles, column_group, k_outer, column_inner, row_inner, k_inner)
+    sch.reorder(
+        column_tasks, row_tiles, column_group, k_group, column_inner, k_step, row_inner, k_inner
+    )
     partial = sch.rfactor(k_inner, 0)
-    tasks, _, group, k_outer, inner, row_inner, vector = sch.get_loops(partial)
+    tasks, _, group, k_outer, inner, k_step, row_inner, vector = sch.get_loops(partial)
     sch.parallel(tasks)
     sch.set_scope(partial, 0, REGISTER_SCOPE)
     # Partial sums with the SIMD lanes innermost, so that each is one contiguous vector.
@@ -98,6 +113,8 @@ def _schedule_gemv(sch: s_tir.Schedule, lanes: int, row_tile: int) -> None:
     sch.vectorize(vector)
     sch.unroll(inner)
     sch.unroll(row_inner)
+    # A whole quantization group per step: its scale and minimum are loaded once, not per vector.
+    sch.unroll(k_step)
     sch.decompose_reduction(partial, k_outer)
     for epilogue in epilogues:
         sch.reverse_compute_at(epilogue, group)
