@@ -82,6 +82,7 @@ def _has_penalties(params: SamplingParams) -> bool:
 def _filtered_candidates(
     scaled: np.ndarray, probs_of: np.ndarray, params: SamplingParams
 ) -> tuple[np.ndarray, np.ndarray]:
+    # `probs_of` is softmax(scaled), normalized over the whole vocabulary.
     """Token ids (most likely first) and probabilities left by top_k, top_p and min_p."""
     vocab = len(scaled)
     k = min(params.top_k or CANDIDATES, vocab)
@@ -107,7 +108,8 @@ def _draw(seq: Sequence, scaled: np.ndarray) -> int:
     params = seq.params
     weights = np.exp(scaled - scaled.max())
     if params.top_k or params.top_p < 1.0 or params.min_p > 0:
-        ids, probs = _filtered_candidates(scaled, weights, params)
+        # top_p compares cumulative probabilities with p: they must sum to one.
+        ids, probs = _filtered_candidates(scaled, weights / weights.sum(), params)
     else:
         ids, probs = np.arange(len(scaled)), weights
     cdf = np.cumsum(probs, dtype=np.float64)
