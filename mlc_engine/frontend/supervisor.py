@@ -1,8 +1,9 @@
-"""`mlc-engine serve`'s process tree: one engine process per device, then, once every engine
-has answered the handshake, uvicorn running the frontend (in one or more workers). An engine
-that dies while serving is started again at the same endpoints, and the frontends' clients
-handshake with it anew. On Ctrl-C or SIGTERM uvicorn stops, then the engines, and the run
-directory with their ipc sockets goes.
+"""`mlc-engine serve`'s process tree: one engine process per device, and uvicorn running the
+frontend (in one or more workers), which answers 503 until the engines have loaded. An engine
+that dies while loading stops the server with its error; one that dies while serving is
+started again at the same endpoints, and the frontends' clients handshake with it anew. On
+Ctrl-C or SIGTERM uvicorn stops, then the engines, and the run directory with their ipc
+sockets goes.
 
 Engines run in their own session, so Ctrl-C reaches only this process, which stops them in
 order; they also get SIGTERM if this process dies without stopping them (Linux).
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -104,14 +106,25 @@ class EngineProcess:
 
 
 class Watchdog(threading.Thread):
-    """Starts engines that died again, waiting longer after each quick death."""
+    """Waits until every engine has loaded, stopping the server if one dies while it loads;
+    then starts engines that die again, waiting longer after each quick death."""
 
     def __init__(self, engines: list[EngineProcess]):
         super().__init__(name="engine-watchdog", daemon=True)
         self.engines = engines
         self.stopping = threading.Event()
+        self.failure: str | None = None
 
     def run(self) -> None:
+        try:
+            asyncio.run(_wait_ready(self.engines))
+        except MLCEngineError as error:
+            self.failure = str(error)
+            os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down; serve() reports it
+            return
+        self._restart_dead()
+
+    def _restart_dead(self) -> None:
         due: dict[int, float] = {}
         while not self.stopping.wait(WATCH_SECONDS):
             for engine in self.engines:
@@ -158,7 +171,6 @@ def serve(
     try:
         for index, args in enumerate(engine_args):
             engines.append(EngineProcess(args, run_dir, index))
-        asyncio.run(_wait_ready(engines))
         settings.engines = [engine.endpoints for engine in engines]
         settings.to_env()
         watchdog.start()
@@ -183,6 +195,8 @@ def serve(
             engine.wait()
         shutil.rmtree(run_dir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
+    if watchdog.failure:
+        raise MLCEngineError(watchdog.failure)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -142,3 +143,36 @@ def test_curl_streams_events(tiny_server_url: str) -> None:
     )  # fmt: skip
     events = [line for line in result.stdout.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) >= 5
+
+
+def test_health_is_503_while_the_engine_loads(tiny_chat_model: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([*serve_command(tiny_chat_model), "--port", str(port)])
+    statuses: list[int] = []
+    try:
+        deadline = time.monotonic() + 300
+        while 200 not in statuses and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):  # not listening yet
+                statuses.append(httpx.get(f"{url}/health", timeout=2).status_code)
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    assert 503 in statuses and statuses[-1] == 200
+    assert statuses.index(503) < statuses.index(200)
+
+
+def test_an_engine_that_fails_to_load_stops_the_server_with_its_error(
+    tiny_chat_model: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"not a shared library")
+    command = [
+        *serve_command(tiny_chat_model, "--lib-path", str(broken)),
+        "--port",
+        str(free_port()),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "engine 0 exited with code" in result.stderr
