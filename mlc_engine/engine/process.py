@@ -153,15 +153,11 @@ class EngineServer:
             self._add(message)
         elif kind is MessageType.ABORT:
             self._publish_outputs(self.engine.abort(message.request_ids))
-        elif kind is MessageType.RESET:
-            self.engine.reset_stats()
-            self._send(
-                message.frontend_id.encode(), MessageType.STATS_REPLY, self.engine.snapshot()
-            )
-        elif kind is MessageType.STATS:
-            self._send(
-                message.frontend_id.encode(), MessageType.STATS_REPLY, self.engine.snapshot()
-            )
+        elif kind in (MessageType.RESET, MessageType.STATS):
+            if kind is MessageType.RESET:
+                self.engine.reset_stats()
+            topic = message.frontend_id.encode()
+            self._send(topic, MessageType.STATS_REPLY, self.engine.snapshot())
         elif kind is MessageType.SHUTDOWN:
             if not message.drain:
                 self._publish_outputs(self.engine.abort(list(self.engine.requests)))
