@@ -36,6 +36,11 @@ def _codegen_fingerprint() -> str:
     return digest.hexdigest()
 
 
+# Taken when this module is imported, beside the code generators it imports: the key must name
+# the code this process compiles with, even if the files change on disk while it runs.
+_CODEGEN_FINGERPRINT = _codegen_fingerprint()
+
+
 def library_key(config: ModelConfig, target: tvm.target.Target) -> str:
     """A short hash naming everything the compiled library depends on."""
     blob = json.dumps(
@@ -43,7 +48,7 @@ def library_key(config: ModelConfig, target: tvm.target.Target) -> str:
             "arch": config.architecture_key(),
             "target": str(target),
             "tvm": tvm.__version__,
-            "codegen": _codegen_fingerprint(),
+            "codegen": _CODEGEN_FINGERPRINT,
         },
         sort_keys=True,
     )
