@@ -11,7 +11,6 @@ order; they also get SIGTERM if this process dies without stopping them (Linux).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import logging
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import uvicorn
 
-from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.errors import MLCEngineError
 from mlc_engine.frontend.settings import ServeSettings
 
@@ -61,7 +59,6 @@ class EngineProcess:
         self.process = self._spawn()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        self.started = time.monotonic()
         return subprocess.Popen(self.command, start_new_session=True, preexec_fn=_die_with_parent)
 
     def restart(self) -> None:
@@ -85,24 +82,10 @@ class EngineProcess:
             self.process.kill()
             self.process.wait()
 
-    async def wait_ready(self) -> None:
-        """Handshake with the engine, failing fast if it exits while it loads."""
-        client = EngineClient(self.endpoints[0], self.endpoints[1])
-        handshake = asyncio.create_task(client.connect(timeout=READY_SECONDS))
-        try:
-            while not handshake.done():
-                await asyncio.wait({handshake}, timeout=0.5)
-                if self.returncode is not None and not handshake.done():
-                    handshake.cancel()
-                    raise MLCEngineError(
-                        f"engine {self.index} exited with code {self.returncode} while loading "
-                        "(its log is above)"
-                    )
-            handshake.result()
-        except EngineUnavailableError as error:
-            raise MLCEngineError(f"engine {self.index} did not start: {error}") from None
-        finally:
-            await client.close()
+    @property
+    def loaded(self) -> bool:
+        """The engine binds its sockets only once its model is loaded: the ipc file shows it."""
+        return Path(self.endpoints[1].removeprefix("ipc://")).exists()
 
 
 class Watchdog(threading.Thread):
@@ -116,13 +99,27 @@ class Watchdog(threading.Thread):
         self.failure: str | None = None
 
     def run(self) -> None:
-        try:
-            asyncio.run(_wait_ready(self.engines))
-        except MLCEngineError as error:
-            self.failure = str(error)
+        self.failure = self._wait_loaded()
+        if self.failure is not None:
             os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down; serve() reports it
             return
         self._restart_dead()
+
+    def _wait_loaded(self) -> str | None:
+        """None once every engine has loaded; what went wrong if one exited first."""
+        deadline = time.monotonic() + READY_SECONDS
+        while not self.stopping.wait(WATCH_SECONDS):
+            for engine in self.engines:
+                if engine.returncode is not None and not engine.loaded:
+                    return (
+                        f"engine {engine.index} exited with code {engine.returncode} while "
+                        "loading (its log is above)"
+                    )
+            if all(engine.loaded for engine in self.engines):
+                return None
+            if time.monotonic() > deadline:
+                return f"the engines did not load in {READY_SECONDS} s"
+        return None
 
     def _restart_dead(self) -> None:
         due: dict[int, float] = {}
@@ -146,11 +143,6 @@ def _check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise MLCEngineError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-
-
-async def _wait_ready(engines: list[EngineProcess]) -> None:
-    for engine in engines:
-        await engine.wait_ready()
 
 
 def serve(
