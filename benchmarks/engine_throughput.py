@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -127,7 +128,7 @@ async def run_level(
 
 
 def _p90(values: list[float]) -> float:
-    return sorted(values)[int(0.9 * (len(values) - 1))]
+    return float(np.percentile(values, 90))
 
 
 def prompts_from_text(tokenizer: Tokenizer, length: int, count: int) -> list[list[int]]:
