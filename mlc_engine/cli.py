@@ -270,6 +270,14 @@ def engine_command(
         int,
         typer.Option("--max-batch-tokens", min=16, help="Tokens computed per step, at most."),
     ] = 512,
+    frontend_lease: Annotated[
+        float,
+        typer.Option(
+            "--frontend-lease",
+            min=1.0,
+            help="Seconds without a word from a frontend before its requests are aborted.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Run one engine process: continuous batching on one device, served over ZeroMQ."""
     import logging
@@ -278,7 +286,7 @@ def engine_command(
     from mlc_engine.engine.process import run_engine
 
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
-    config = EngineConfig(max_num_seqs, max_total_tokens, max_batch_tokens)
+    config = EngineConfig(max_num_seqs, max_total_tokens, max_batch_tokens, frontend_lease)
     try:
         run_engine(
             model, _device(device), input_endpoint, output_endpoint, config, lib_path, num_threads

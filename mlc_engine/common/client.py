@@ -41,6 +41,7 @@ from mlc_engine.common.protocol import (
 )
 
 REVIVE_SECONDS = 3600.0  # a restarted engine may compile its model first
+KEEPALIVE_SECONDS = 1.0
 
 
 class EngineUnavailableError(RuntimeError):
@@ -226,8 +227,12 @@ class EngineClient:
         self._tasks.append(asyncio.create_task(handshake()))
 
     async def _watch_heartbeat(self) -> None:
+        """Check the engine's heartbeats, and send this client's own (KEEPALIVE): an engine
+        aborts the requests of a frontend it has not heard from for a while."""
         while True:
-            await asyncio.sleep(self.heartbeat_timeout / 4)
+            await asyncio.sleep(KEEPALIVE_SECONDS)
+            if self.dead is None:
+                self._send(MessageType.KEEPALIVE, FrontendCommand(self.frontend_id))
             silence = time.monotonic() - self._last_heard
             if self.dead is None and self.info is not None and silence > self.heartbeat_timeout:
                 self._die(f"no heartbeat from the engine for {silence:.1f} s")

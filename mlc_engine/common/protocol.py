@@ -32,6 +32,7 @@ class MessageType(bytes, enum.Enum):
     RESET = b"R"
     STATS = b"S"
     SHUTDOWN = b"Q"
+    KEEPALIVE = b"K"
     # engine -> frontend
     READY = b"r"
     STEP = b"s"
@@ -137,7 +138,7 @@ class Abort:
 
 @dataclasses.dataclass
 class FrontendCommand:
-    """RESET and STATS: the reply (for STATS) goes to this frontend."""
+    """RESET, STATS and KEEPALIVE: the reply (to RESET and STATS) goes to this frontend."""
 
     frontend_id: str
 

@@ -34,6 +34,8 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_total_tokens: int = 0  # KV cache size in tokens; 0: room for max_num_seqs full contexts
     max_batch_tokens: int = 512  # tokens per step: prefill chunks plus one per running decode
+    # A frontend silent for this long (seconds) is gone: its requests are aborted.
+    frontend_lease: float = 30.0
 
 
 class Engine:

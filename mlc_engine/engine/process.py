@@ -51,6 +51,7 @@ INPUT_TYPES: dict[MessageType, type] = {
     MessageType.RESET: FrontendCommand,
     MessageType.STATS: FrontendCommand,
     MessageType.SHUTDOWN: Shutdown,
+    MessageType.KEEPALIVE: FrontendCommand,
 }
 
 
@@ -79,6 +80,8 @@ class EngineServer:
 
     def __init__(self, engine: Engine, input_endpoint: str, output_endpoint: str):
         self.engine = engine
+        self.frontend_seen: dict[str, float] = {}
+        self._next_expiry_check = 0.0
         self.context = zmq.Context()
         self.inbox: queue.Queue[tuple[MessageType, Any]] = queue.Queue()
         self.outbox: queue.Queue[Outgoing | None] = queue.Queue()
@@ -129,6 +132,7 @@ class EngineServer:
             self._handle_messages(block=not self.engine.has_work)
             if self.engine.has_work:
                 self._publish_outputs(self.engine.step())
+            self._expire_frontends()
             self.latest = self.engine.snapshot()
 
     def _handle_messages(self, block: bool) -> None:
@@ -140,7 +144,25 @@ class EngineServer:
         except queue.Empty:
             return
 
+    def _expire_frontends(self) -> None:
+        """Abort the requests of frontends that stopped sending anything (crashed, killed)."""
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + 1.0
+        lease = self.engine.config.frontend_lease
+        gone = [f for f, seen in self.frontend_seen.items() if now - seen > lease]
+        for frontend_id in gone:
+            del self.frontend_seen[frontend_id]
+            orphans = [rid for rid, (owner, _) in self.owners.items() if owner == frontend_id]
+            if orphans:
+                log.warning("frontend %s silent: aborting %d requests", frontend_id, len(orphans))
+                self._publish_outputs(self.engine.abort(orphans))
+
     def _handle(self, kind: MessageType, message: Any) -> None:
+        frontend_id = getattr(message, "frontend_id", None)
+        if frontend_id is not None:
+            self.frontend_seen[frontend_id] = time.monotonic()
         if kind is MessageType.HELLO:
             info = self.engine.info()
             if message.protocol_version != PROTOCOL_VERSION:

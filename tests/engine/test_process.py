@@ -18,6 +18,7 @@ from conftest import LoadedModel
 
 from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.protocol import (
+    AddRequest,
     EngineInfo,
     Hello,
     MessageType,
@@ -267,3 +268,44 @@ def test_a_frontend_of_another_protocol_version_is_refused(engine: EngineProcess
     assert reply is not None and reply[1] == MessageType.READY.value
     info = unpack(EngineInfo, reply[2])
     assert info.error is not None and "protocol version 999" in info.error
+
+
+def test_requests_of_a_silent_frontend_are_aborted_after_its_lease(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    """A frontend that sends nothing more (crashed) loses its requests; a client that stays
+    connected past the lease (sending KEEPALIVE) is still served."""
+
+    async def main(started: EngineProcess) -> None:
+        watcher = started.client()
+        await watcher.connect()
+        context = zmq.Context.instance()
+        sub, push = context.socket(zmq.SUB), context.socket(zmq.PUSH)
+        frontend_id = "s" * 32
+        sub.setsockopt(zmq.SUBSCRIBE, frontend_id.encode())
+        sub.connect(started.output)
+        push.connect(started.input)
+        for _ in range(50):  # until the subscription is live
+            push.send_multipart([MessageType.HELLO.value, pack(Hello(frontend_id))])
+            if sub.poll(200):
+                break
+        params = SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True)
+        request = AddRequest("orphan", frontend_id, PROMPTS[0], params)
+        push.send_multipart([MessageType.ADD.value, pack(request)])
+        sub.close(linger=0)
+        push.close(linger=0)
+        deadline = time.monotonic() + 10
+        stats = await watcher.fetch_stats()
+        while stats.num_running == 0 and time.monotonic() < deadline:
+            stats = await watcher.fetch_stats()
+        assert stats.num_running == 1
+        while stats.num_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            stats = await watcher.fetch_stats()
+        assert stats.num_running == 0 and stats.decode_tokens < 100000
+        await asyncio.sleep(2.5)  # idle past the lease
+        assert len(tokens(await collect(watcher, "kept", PROMPTS[0], greedy(3)))) == 3
+        await watcher.close()
+
+    with engine_process(tiny.folder, tmp_path, "--frontend-lease", "2") as started:
+        asyncio.run(main(started))
