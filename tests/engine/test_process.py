@@ -18,6 +18,7 @@ from conftest import LoadedModel
 
 from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.protocol import (
+    PROTOCOL_VERSION,
     AddRequest,
     EngineInfo,
     Hello,
@@ -250,21 +251,33 @@ def test_sigterm_drains_running_requests_then_exits(tiny: LoadedModel, tmp_path:
     assert not list(tmp_path.glob("*put"))  # the ipc socket files are gone
 
 
-def test_a_frontend_of_another_protocol_version_is_refused(engine: EngineProcess) -> None:
+@contextlib.contextmanager
+def raw_frontend(
+    engine: EngineProcess, frontend_id: str, version: int = PROTOCOL_VERSION
+) -> Iterator[tuple[zmq.Socket, list[bytes] | None]]:
+    """A frontend on bare sockets: HELLO until the engine answers on its topic; yields the
+    PUSH socket and that answer's frames (None if none came)."""
     context = zmq.Context.instance()
     sub, push = context.socket(zmq.SUB), context.socket(zmq.PUSH)
-    frontend_id = "v" * 32
     sub.setsockopt(zmq.SUBSCRIBE, frontend_id.encode())
     sub.connect(engine.output)
     push.connect(engine.input)
     reply = None
     for _ in range(50):  # until the subscription is live
-        push.send_multipart([MessageType.HELLO.value, pack(Hello(frontend_id, 999))])
+        push.send_multipart([MessageType.HELLO.value, pack(Hello(frontend_id, version))])
         if sub.poll(200):
             reply = sub.recv_multipart()
             break
     sub.close(linger=0)
-    push.close(linger=0)
+    try:
+        yield push, reply
+    finally:
+        push.close(linger=1000)  # what was sent still reaches a live engine
+
+
+def test_a_frontend_of_another_protocol_version_is_refused(engine: EngineProcess) -> None:
+    with raw_frontend(engine, "v" * 32, version=999) as (_, reply):
+        pass
     assert reply is not None and reply[1] == MessageType.READY.value
     info = unpack(EngineInfo, reply[2])
     assert info.error is not None and "protocol version 999" in info.error
@@ -279,21 +292,11 @@ def test_requests_of_a_silent_frontend_are_aborted_after_its_lease(
     async def main(started: EngineProcess) -> None:
         watcher = started.client()
         await watcher.connect()
-        context = zmq.Context.instance()
-        sub, push = context.socket(zmq.SUB), context.socket(zmq.PUSH)
-        frontend_id = "s" * 32
-        sub.setsockopt(zmq.SUBSCRIBE, frontend_id.encode())
-        sub.connect(started.output)
-        push.connect(started.input)
-        for _ in range(50):  # until the subscription is live
-            push.send_multipart([MessageType.HELLO.value, pack(Hello(frontend_id))])
-            if sub.poll(200):
-                break
         params = SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True)
-        request = AddRequest("orphan", frontend_id, PROMPTS[0], params)
-        push.send_multipart([MessageType.ADD.value, pack(request)])
-        sub.close(linger=0)
-        push.close(linger=0)
+        with raw_frontend(started, "s" * 32) as (push, reply):
+            assert reply is not None
+            request = AddRequest("orphan", "s" * 32, PROMPTS[0], params)
+            push.send_multipart([MessageType.ADD.value, pack(request)])
         deadline = time.monotonic() + 10
         stats = await watcher.fetch_stats()
         while stats.num_running == 0 and time.monotonic() < deadline:
