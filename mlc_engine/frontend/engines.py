@@ -4,6 +4,7 @@ one, bounding their queues, and their health."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from mlc_engine.common.client import EngineClient, EngineUnavailableError
@@ -11,6 +12,10 @@ from mlc_engine.common.protocol import EngineInfo, StatsSnapshot
 from mlc_engine.frontend.errors import QueueFullError, UnavailableError
 
 log = logging.getLogger(__name__)
+
+# How long a request waits for a handshake still under way (a uvicorn worker that has just
+# started) before it is answered 503; an engine that is still loading its model takes minutes.
+READY_WAIT_SECONDS = 5.0
 
 
 class EnginePool:
@@ -21,6 +26,7 @@ class EnginePool:
         self.max_queue = max_queue
         self.ready = False
         self.failure: str | None = None
+        self._settled = asyncio.Event()  # set once `connect` has succeeded or failed
 
     async def connect(self, timeout: float = 3600.0) -> None:
         try:
@@ -28,8 +34,19 @@ class EnginePool:
         except EngineUnavailableError as error:
             self.failure = str(error)
             log.error("engine handshake failed: %s", error)
-            return
-        self.ready = True
+        else:
+            self.ready = True
+        finally:
+            self._settled.set()
+
+    async def wait_ready(self, seconds: float = READY_WAIT_SECONDS) -> None:
+        """Give a handshake under way a few seconds; 503 if the engines are not ready by then."""
+        if not self.ready:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), seconds)
+        problem = self.health() if not self.ready else None
+        if problem:
+            raise UnavailableError(problem)
 
     @property
     def info(self) -> EngineInfo:
@@ -49,9 +66,8 @@ class EnginePool:
 
     def pick(self) -> EngineClient:
         """The live engine with the fewest requests; 429 when every queue is full."""
-        problem = self.health() if not self.ready else None
-        if problem:
-            raise UnavailableError(problem)
+        if not self.ready:
+            raise UnavailableError(self.health() or "the model is still loading")
         live = [client for client in self.clients if client.dead is None]
         if not live:
             raise UnavailableError(self.health() or "no engine is running")

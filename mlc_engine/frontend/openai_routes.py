@@ -103,6 +103,7 @@ class ChatCompletions:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         service = self.service
         body = await service.read(req, ChatCompletionRequest)
+        await service.engines.wait_ready()
         prompt = service.chat_prompt(body.messages)
         top = body.top_logprobs or 0
         params = service.sampling_params(body, [prompt], body.logprobs, top)
@@ -192,6 +193,7 @@ class Completions:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         service = self.service
         body = await service.read(req, CompletionRequest)
+        await service.engines.wait_ready()
         prompts = service.completion_prompts(body)
         wants_logprobs = body.logprobs is not None
         params = service.sampling_params(body, prompts, wants_logprobs, body.logprobs or 0)

@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import zmq
-from conftest import LoadedModel
+from conftest import EngineProcess, LoadedModel, engine_process
 
 from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.protocol import (
@@ -30,30 +27,6 @@ from mlc_engine.common.protocol import (
 )
 
 PROMPTS = [[1, 5, 9, 200, 31], [1, 77, 78], [1, 300] * 20, [1, 4, 4, 4, 4, 4, 4, 11]]
-
-
-@dataclass
-class EngineProcess:
-    process: subprocess.Popen[bytes]
-    input: str
-    output: str
-
-    def client(self) -> EngineClient:
-        return EngineClient(self.input, self.output)
-
-
-@contextlib.contextmanager
-def engine_process(folder: Path, run_dir: Path, *options: str) -> Iterator[EngineProcess]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    endpoints = f"ipc://{run_dir}/input", f"ipc://{run_dir}/output"
-    command = [sys.executable, "-m", "mlc_engine", "engine", "--model", str(folder)]
-    command += ["--device", "cpu", "--input", endpoints[0], "--output", endpoints[1], *options]
-    process = subprocess.Popen(command)
-    try:
-        yield EngineProcess(process, *endpoints)
-    finally:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")
