@@ -99,6 +99,7 @@ class ModelRuntime:
         self._check_library(lib_path, model_folder)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
+        self._decode_one = self.vm["decode_one"]
         self.params = self._load_params(model_folder)
 
     def _check_library(self, lib_path: Path, model_folder: Path) -> None:
@@ -180,7 +181,8 @@ class ModelRuntime:
         ids = self._tensor(np.asarray(token_ids, dtype=np.int32))
         kv_cache.begin_forward(seq_ids, [1] * len(seq_ids))
         try:
-            logits, _ = self._decode(ids, kv_cache.handle, self.params)
+            decode = self._decode_one if len(seq_ids) == 1 else self._decode
+            logits, _ = decode(ids, kv_cache.handle, self.params)
         finally:
             kv_cache.end_forward()
         return logits.numpy()[:, 0, :]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from mlc_engine.engine import q4_gemv
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
 
@@ -216,8 +217,13 @@ def schedule_cpu_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
                 continue
-            if _has_matmul(func):
-                mod[gvar] = _schedule_matmul(func, lanes).with_attr("tirx.is_scheduled", True)
+            if q4_gemv.applies(func, target):
+                mod[gvar] = q4_gemv.single_row_q4_matmul(func, target)
+            elif _has_matmul(func):
+                mod[gvar] = _schedule_matmul(func, lanes)
+            else:
+                continue
+            mod[gvar] = mod[gvar].with_attr("tirx.is_scheduled", True)
         return mod
 
     return schedule

@@ -20,6 +20,9 @@ from mlc_engine.engine.quantization import PackedQ4, dequantize
 from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 8]]
+# A decode of one sequence on a 4-bit float32 model rounds each matmul's activations to int16
+# (`q4_gemv.py`, on AVX2): its logits stay within this fraction of the largest one.
+SINGLE_DECODE_TOLERANCE = 2e-3
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -85,6 +88,9 @@ def _check_against_reference(model, weights, tolerance: float) -> None:  # noqa:
     for seq_id, prompt in enumerate(prompts):
         expected = reference.forward(weights, config, prompt + [next_tokens[seq_id]])[-1]
         assert _relative_error(logits[seq_id], expected) < tolerance
+    alone = runtime.decode(kv, [0], [33])[0]
+    expected = reference.forward(weights, config, prompts[0] + [next_tokens[0], 33])[-1]
+    assert _relative_error(alone, expected) < max(tolerance, SINGLE_DECODE_TOLERANCE)
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "llama3-rope"])
@@ -135,7 +141,9 @@ def test_batched_prefill_and_decode_equal_each_sequence_alone(tiny_model: Callab
         together.append(runtime.decode(kv, ids, [token] * 3))
     for step, batch in enumerate(together):
         for i in range(3):
-            np.testing.assert_allclose(batch[i], alone[i][step], rtol=0, atol=1e-4)
+            # Step 0 is the prefill; alone, the decodes after it are single-sequence ones.
+            tolerance = 1e-4 if step == 0 else SINGLE_DECODE_TOLERANCE
+            assert _relative_error(batch[i], alone[i][step]) < tolerance
 
 
 def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -> None:
@@ -153,7 +161,7 @@ def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -
         alone.add_sequence(0)
         runtime.prefill(alone, [0], [prompt])
         expected = runtime.decode(alone, [0], [30 + seq_id])[0]
-        np.testing.assert_allclose(together[seq_id], expected, rtol=0, atol=1e-4)
+        assert _relative_error(together[seq_id], expected) < SINGLE_DECODE_TOLERANCE
 
 
 def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:

@@ -117,6 +117,13 @@ class LlamaForCausalLM(nn.Module):
         embeds = op.reshape(self.model.embed_tokens(input_ids), (input_ids.shape[0], 1, -1))
         return self._logits(self.model(embeds, kv_cache)), kv_cache
 
+    def decode_one(
+        self, input_ids: nn.Tensor, kv_cache: PagedKVCache
+    ) -> tuple[nn.Tensor, PagedKVCache]:
+        """`decode` for a batch of exactly one. Every shape in it is static, so its matmuls get
+        single-row kernels and the VM computes no shapes at run time."""
+        return self.decode(input_ids, kv_cache)
+
     def create_kv_cache(
         self,
         max_batch_size: tirx.Var,
@@ -148,6 +155,11 @@ class LlamaForCausalLM(nn.Module):
             },
             "decode": {
                 "input_ids": nn.spec.Tensor(["batch_size"], "int32"),
+                "kv_cache": nn.spec.Object(object_type=PagedKVCache),
+                "$": packed,
+            },
+            "decode_one": {
+                "input_ids": nn.spec.Tensor([1], "int32"),
                 "kv_cache": nn.spec.Object(object_type=PagedKVCache),
                 "$": packed,
             },

@@ -1,0 +1,116 @@
+"""The single-row int16-activation 4-bit kernel, compiled alone and checked against NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+from mlc_engine.common.device import Device, tvm_target
+from mlc_engine.engine import q4_gemv
+from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK, _q4_value
+from mlc_engine.engine.quantization import (
+    GROUP_SIZE,
+    PackedQ4,
+    dequantize,
+    pack_codes,
+    quantize_asymmetric,
+    quantize_symmetric,
+    unpack_codes,
+)
+
+TARGET = tvm_target(Device("cpu"))
+pytestmark = pytest.mark.skipif(
+    not tvm.target.codegen.llvm_cpu_has_features(["avx2"], TARGET), reason="needs AVX2"
+)
+K, N = 320, 48
+
+
+def _matmul_func(has_minimum: bool, has_residual: bool, rows: int = 1) -> tvm.tirx.PrimFunc:
+    """The fused function the model pipeline hands the schedule: x @ W.T (+ residual)."""
+    x = te.placeholder((rows, 1, K), "float32", name="x")
+    codes = te.placeholder((N, K // 8), "uint32", name="codes")
+    scale = te.placeholder((N, K // GROUP_SIZE), "float32", name="scale")
+    minimum = te.placeholder((N, K // GROUP_SIZE), "float32", name="minimum")
+    weights = [codes, scale, minimum] if has_minimum else [codes, scale]
+    weight = te.compute(
+        (N, K),
+        lambda n, k: _q4_value(codes, scale, minimum if has_minimum else None, n, k),
+        name=DEQUANTIZE_BLOCK,
+    )
+    k = te.reduce_axis((0, K), name="k")
+    out = te.compute(
+        (rows, 1, N), lambda a, b, n: te.sum(x[a, b, k] * weight[n, k], axis=k), name=MATMUL_BLOCK
+    )
+    if not has_residual:
+        return te.create_prim_func([x, *weights, out])
+    residual = te.placeholder((rows, 1, N), "float32", name="residual")
+    added = te.compute((rows, 1, N), lambda *i: residual[i] + out[i], name=q4_gemv.RESIDUAL_BLOCK)
+    return te.create_prim_func([x, *weights, residual, added])
+
+
+def _int16_reference(x: np.ndarray, packed: PackedQ4) -> np.ndarray:
+    """x @ W.T the kernel's way: W = scale * code + offset, the codes meeting x rounded to
+    int16 per group of 32, the offsets meeting x itself (through each group's sum)."""
+    groups = x.reshape(-1, GROUP_SIZE)
+    largest = np.abs(groups).max(axis=1, keepdims=True)
+    step = largest / np.float32(32767)
+    rounded = (np.rint(groups * (np.float32(32767) / largest)) * step).reshape(-1)
+    scale = np.repeat(packed.scale, GROUP_SIZE, axis=1).astype(np.float64)
+    offset = packed.minimum if packed.minimum is not None else -8 * packed.scale
+    scaled_codes = scale * unpack_codes(packed.weight)
+    return scaled_codes @ rounded + np.repeat(offset, GROUP_SIZE, axis=1) @ x.astype(np.float64)
+
+
+@pytest.mark.parametrize("has_minimum", [True, False])
+@pytest.mark.parametrize("has_residual", [True, False])
+def test_kernel_rounds_activations_to_int16_and_nothing_else(
+    has_minimum: bool, has_residual: bool
+) -> None:
+    func = _matmul_func(has_minimum, has_residual)
+    assert q4_gemv.applies(func, TARGET)
+    kernel = q4_gemv.single_row_q4_matmul(func, TARGET).with_attr("global_symbol", "main")
+    run = tvm.compile(tvm.IRModule({"main": kernel}), TARGET)["main"]
+
+    rng = np.random.default_rng(7)
+    float_weight = rng.standard_normal((N, K)).astype(np.float32)
+    if has_minimum:
+        packed = PackedQ4(*_pack(*quantize_asymmetric(float_weight)))
+    else:
+        codes, scale = quantize_symmetric(float_weight)
+        packed = PackedQ4(pack_codes(codes), scale, None)
+    weight = dequantize(packed)
+    x = rng.standard_normal(K).astype(np.float32)
+    x[5] = 40.0  # an outlier: its group's other activations get coarser steps
+    residual = rng.standard_normal(N).astype(np.float32)
+
+    operands = [x.reshape(1, 1, K), packed.weight, packed.scale]
+    operands += [packed.minimum] if has_minimum else []
+    operands += [residual.reshape(1, 1, N)] if has_residual else []
+    device = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((1, 1, N), np.float32), device)
+    run(*(tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in operands), out)
+    got = out.numpy().reshape(N) - (residual if has_residual else 0)
+
+    exact = weight.astype(np.float64) @ x.astype(np.float64)
+    scale = np.abs(exact).max()
+    assert np.abs(got - _int16_reference(x, packed)).max() < 1e-5 * scale
+    # Each activation is off by at most half a step (1/65534 of its group's largest).
+    largest = np.repeat(np.abs(x.reshape(-1, GROUP_SIZE)).max(axis=1), GROUP_SIZE)
+    bound = np.abs(weight) @ (largest / 65534) + 1e-5 * scale
+    assert np.all(np.abs(got - exact) <= bound)
+    assert np.abs(got - exact).max() > 1e-7 * scale  # the rounding is really there
+
+
+def _pack(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> tuple[np.ndarray, ...]:
+    return pack_codes(codes), scale, minimum
+
+
+def test_other_matmuls_keep_the_float_schedule() -> None:
+    assert not q4_gemv.applies(_matmul_func(True, True, rows=4), TARGET)
+    x = te.placeholder((1, K), "float32", name="x")
+    w = te.placeholder((N, K), "float32", name="w")
+    k = te.reduce_axis((0, K), name="k")
+    out = te.compute((1, N), lambda i, n: te.sum(x[i, k] * w[n, k], axis=k), name=MATMUL_BLOCK)
+    assert not q4_gemv.applies(te.create_prim_func([x, w, out]), TARGET)
