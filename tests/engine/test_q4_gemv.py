@@ -27,19 +27,21 @@ pytestmark = pytest.mark.skipif(
 K, N = 320, 48
 
 
-def _matmul_func(has_minimum: bool, has_residual: bool, rows: int = 1) -> tvm.tirx.PrimFunc:
+def _matmul_func(
+    has_minimum: bool, has_residual: bool, rows: int = 1, k_size: int = K
+) -> tvm.tirx.PrimFunc:
     """The fused function the model pipeline hands the schedule: x @ W.T (+ residual)."""
-    x = te.placeholder((rows, 1, K), "float32", name="x")
-    codes = te.placeholder((N, K // 8), "uint32", name="codes")
-    scale = te.placeholder((N, K // GROUP_SIZE), "float32", name="scale")
-    minimum = te.placeholder((N, K // GROUP_SIZE), "float32", name="minimum")
+    x = te.placeholder((rows, 1, k_size), "float32", name="x")
+    codes = te.placeholder((N, k_size // 8), "uint32", name="codes")
+    scale = te.placeholder((N, k_size // GROUP_SIZE), "float32", name="scale")
+    minimum = te.placeholder((N, k_size // GROUP_SIZE), "float32", name="minimum")
     weights = [codes, scale, minimum] if has_minimum else [codes, scale]
     weight = te.compute(
-        (N, K),
+        (N, k_size),
         lambda n, k: _q4_value(codes, scale, minimum if has_minimum else None, n, k),
         name=DEQUANTIZE_BLOCK,
     )
-    k = te.reduce_axis((0, K), name="k")
+    k = te.reduce_axis((0, k_size), name="k")
     out = te.compute(
         (rows, 1, N), lambda a, b, n: te.sum(x[a, b, k] * weight[n, k], axis=k), name=MATMUL_BLOCK
     )
@@ -63,29 +65,32 @@ def _int16_reference(x: np.ndarray, packed: PackedQ4) -> np.ndarray:
     return scaled_codes @ rounded + np.repeat(offset, GROUP_SIZE, axis=1) @ x.astype(np.float64)
 
 
-@pytest.mark.parametrize("has_minimum", [True, False])
-@pytest.mark.parametrize("has_residual", [True, False])
+@pytest.mark.parametrize(
+    ("has_minimum", "has_residual", "k_size"),
+    # 1536: long columns, worked on one at a time (TILE_SPAN_BYTES).
+    [(True, True, K), (True, False, K), (False, True, K), (False, False, K), (True, True, 1536)],
+)
 def test_kernel_rounds_activations_to_int16_and_nothing_else(
-    has_minimum: bool, has_residual: bool
+    has_minimum: bool, has_residual: bool, k_size: int
 ) -> None:
-    func = _matmul_func(has_minimum, has_residual)
+    func = _matmul_func(has_minimum, has_residual, k_size=k_size)
     assert q4_gemv.applies(func, TARGET)
     kernel = q4_gemv.single_row_q4_matmul(func, TARGET).with_attr("global_symbol", "main")
     run = tvm.compile(tvm.IRModule({"main": kernel}), TARGET)["main"]
 
     rng = np.random.default_rng(7)
-    float_weight = rng.standard_normal((N, K)).astype(np.float32)
+    float_weight = rng.standard_normal((N, k_size)).astype(np.float32)
     if has_minimum:
         packed = PackedQ4(*_pack(*quantize_asymmetric(float_weight)))
     else:
         codes, scale = quantize_symmetric(float_weight)
         packed = PackedQ4(pack_codes(codes), scale, None)
     weight = dequantize(packed)
-    x = rng.standard_normal(K).astype(np.float32)
+    x = rng.standard_normal(k_size).astype(np.float32)
     x[5] = 40.0  # an outlier: its group's other activations get coarser steps
     residual = rng.standard_normal(N).astype(np.float32)
 
-    operands = [x.reshape(1, 1, K), packed.weight, packed.scale]
+    operands = [x.reshape(1, 1, k_size), packed.weight, packed.scale]
     operands += [packed.minimum] if has_minimum else []
     operands += [residual.reshape(1, 1, N)] if has_residual else []
     device = tvm.cpu()
