@@ -105,10 +105,10 @@ def _group_dot(
 ) -> tirx.PrimExpr:
     """sum_k code[column, k] * xq[k] over group g, as 8 int32 partial sums."""
     pmaddwd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
-    packed = code_bytes[tirx.Ramp(column * (k // 2) + g * HALF, 1, HALF)]
-    low = tirx.const(15, "uint8")
-    evens = (packed & tirx.Broadcast(low, HALF)).astype("int16x16")
-    odds = tirx.shift_right(packed, tirx.Broadcast(tirx.const(4, "uint8"), HALF)).astype("int16x16")
+    # Each byte widened to 16 bits, then split: its low nibble, and (shifted down) its high one.
+    widened = code_bytes[tirx.Ramp(column * (k // 2) + g * HALF, 1, HALF)].astype("int16x16")
+    evens = widened & tirx.Broadcast(tirx.const(15, "int16"), HALF)
+    odds = tirx.shift_right(widened, tirx.Broadcast(tirx.const(4, "int16"), HALF))
     return tirx.call_llvm_pure_intrin(
         "int32x8", pmaddwd, evens, xq[tirx.Ramp(g * GROUP_SIZE, 1, HALF)]
     ) + tirx.call_llvm_pure_intrin(
