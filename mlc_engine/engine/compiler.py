@@ -71,9 +71,16 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             dl.gpu.GeneralReduction(),
             dl.gpu.Fallback(),
         )
+    legalize, annotate, fold, *fuse = generic.legalize_passes(target)
     return tvm.transform.Sequential(
         [
-            *generic.legalize_passes(target),
+            legalize,
+            annotate,
+            fold,
+            # Reshapes become views before fusion: fused in pairs (the qkv split around the
+            # attention call), they had been copy kernels, 60 launches per decode step.
+            relax.transform.RewriteDataflowReshape(),
+            *fuse,
             relax.transform.DeadCodeElimination(),
             schedule,
             *generic.dataflow_lower_passes(target),
