@@ -2,16 +2,17 @@
 
 TVM builds the cache's kernels into the module being exported and hands them to the runtime
 (`vm.builtin.paged_attention_kv_cache_create`). For llvm targets we then swap, by the names
-TVM gives them, its three attention kernels for the faster ones in `attention.py` (same
-arguments, same results) and its RoPE kernel for a parallel schedule of itself. On other
-targets TVM's kernels stay as they are.
+TVM gives them, its three attention kernels for the faster ones in `attention.py` and its RoPE
+kernel for the one in `rope.py` (same arguments, same results). On other targets TVM's kernels
+stay as they are.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from tvm import relax, s_tir, tirx
+from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
@@ -21,6 +22,7 @@ from mlc_engine.engine.model.attention import (
     attention_prefill_paged,
     attention_prefill_ragged,
 )
+from mlc_engine.engine.model.rope import rope_cpu
 from mlc_engine.engine.schedule import vector_lanes
 
 # The names `TIRPagedKVCache` gives the kernels we replace on llvm targets.
@@ -69,14 +71,15 @@ def create_paged_kv_cache(
         target=target,
     )
     if target.kind.name == "llvm":
-        _use_our_cpu_kernels(config, dtype, target)
+        _use_our_cpu_kernels(config, dtype, target, rope_scaling)
     return cache
 
 
-def _use_our_cpu_kernels(config: ModelConfig, dtype: str, target: Target) -> None:
-    """Replace TVM's CPU attention kernels, which `TIRPagedKVCache` just added to the module,
-    and run its RoPE kernel in parallel. The sliding-window and tree-attention variants stay
-    TVM's: our models use neither."""
+def _use_our_cpu_kernels(
+    config: ModelConfig, dtype: str, target: Target, rope_scaling: dict[str, Any]
+) -> None:
+    """Replace TVM's CPU attention and RoPE kernels, which `TIRPagedKVCache` just added to the
+    module. The sliding-window and tree-attention variants stay TVM's: our models use neither."""
     h_kv, h_q, d = config.num_key_value_heads, config.num_attention_heads, config.head_dim
     lanes = vector_lanes(target)
     builder = relax.BlockBuilder.current()
@@ -88,16 +91,17 @@ def _use_our_cpu_kernels(config: ModelConfig, dtype: str, target: Target) -> Non
         RAGGED_PREFILL: attention_prefill_ragged(h_kv, h_q, d, d, dtype, lanes),
         PAGED_PREFILL: attention_prefill_paged(h_kv, h_q, d, dtype, lanes),
         PAGED_DECODE: attention_decode_paged(h_kv, h_q, d, dtype, lanes),
-        ROPE: _parallel_rope(builder.get()[added[ROPE]]),
+        ROPE: rope_cpu(
+            config.rope_theta, 1.0, d, h_q, h_kv, dtype, _yarn_ready(rope_scaling, config)
+        ),
     }
     for name, kernel in ours.items():
         builder.update_func(added[name], kernel)
 
 
-def _parallel_rope(rope: tirx.PrimFunc) -> tirx.PrimFunc:
-    """TVM's RoPE kernel (`llama_rope_with_position_map`) unchanged, but with its (token, head)
-    loops run in parallel: it computes a power and a sine per element, one thread otherwise."""
-    sch = s_tir.Schedule(rope)
-    token, head, _ = sch.get_loops(sch.get_sblock("llama_fused_rope"))
-    sch.parallel(sch.fuse(token, head))
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+def _yarn_ready(rope_scaling: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The scaling dict as `TIRPagedKVCache` hands it to its RoPE kernel: YaRN's frequencies
+    need 1 / (2 ln theta) in it."""
+    if rope_scaling.get("rope_type") != "yarn" or "inv_theta_log_scale" in rope_scaling:
+        return rope_scaling
+    return {**rope_scaling, "inv_theta_log_scale": 1.0 / (2 * math.log(config.rope_theta))}
