@@ -45,6 +45,9 @@ GEMV_ROW_TILES = tuple(GEMV_COLUMNS)
 # many kernels (whose arguments LLVM cannot assume unaliased) every partial sum is then stored
 # back on every step of k: prefill ran 3x slower that way.
 REGISTER_SCOPE = "global"
+# Elements (or reduction rows x elements) below which a norm or activation runs on one thread:
+# waking the thread pool costs a few microseconds, about what 8192 elements take.
+PARALLEL_MIN_WORK = 8192
 
 
 def vector_lanes(target: tvm.target.Target) -> int:
@@ -200,6 +203,81 @@ def _schedule_matmul(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     return func.with_body(root).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
 
 
+def _extent_product(sch: s_tir.Schedule, loops: list[s_tir.schedule.LoopRV]) -> tirx.PrimExpr:
+    count: tirx.PrimExpr = tirx.IntImm("int64", 1)
+    for loop in loops:
+        count = count * sch.get(loop).extent.astype("int64")
+    return tvm.sym.Analyzer().simplify(count)
+
+
+def _blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _inline_elementwise(sch: s_tir.Schedule) -> None:
+    """Fold each elementwise step into the one that reads it, where that computes it no more
+    often: a split, a cast or a sigmoid is then worked out in the loop that uses it, rather than
+    written to a buffer of its own. (A row's norm factor stays apart from the row's elements.)"""
+    for block in _blocks(sch):
+        consumers = sch.get_consumers(block)
+        size = _extent_product(sch, sch.get_loops(block))
+        larger = [
+            c
+            for c in consumers
+            if not tvm.sym.Analyzer().can_prove(_extent_product(sch, sch.get_loops(c)) <= size)
+        ]
+        if not consumers or larger:
+            continue
+        try:
+            sch.compute_inline(block)
+        except s_tir.schedule.ScheduleError:
+            continue
+
+
+def _parallelize_rows(sch: s_tir.Schedule) -> None:
+    """Run each block's leading data-parallel loops, fused, as parallel tasks (a reduction's
+    rows, or every element of an elementwise step), where they are not a few constant ones."""
+    for block in _blocks(sch):
+        loops = sch.get_loops(block)
+        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+        spatial = 0
+        while spatial < min(len(loops), len(kinds)) and kinds[spatial] == 0:  # data-parallel
+            spatial += 1
+        work = _extent_product(sch, loops)
+        if not spatial or (isinstance(work, tirx.IntImm) and work.value < PARALLEL_MIN_WORK):
+            continue
+        try:
+            sch.parallel(sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0])
+        except s_tir.schedule.ScheduleError:
+            continue
+
+
+def _schedule_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Norms, activations and copies: elementwise steps folded into their readers, and the
+    rows run in parallel where there are enough of them (decided at run time when the row
+    count is symbolic; a parallel launch costs more than a few rows of work)."""
+    if "global_symbol" in func.attrs:
+        return func  # the KV cache's own kernels (TVM's, written by hand), not a model op
+    serial = s_tir.Schedule(func)
+    _inline_elementwise(serial)
+    parallel = s_tir.Schedule(serial.mod["main"])
+    _parallelize_rows(parallel)
+    work = max(
+        (_extent_product(serial, serial.get_loops(b)) for b in _blocks(serial)),
+        key=lambda w: w.value if isinstance(w, tirx.IntImm) else PARALLEL_MIN_WORK,
+        default=tirx.IntImm("int64", 0),
+    )
+    if isinstance(work, tirx.IntImm):
+        chosen = parallel if work.value >= PARALLEL_MIN_WORK else serial
+        return chosen.mod["main"]
+    # Both variants allocate the same intermediate buffers: once, in a root block around them.
+    serial_root, parallel_root = serial.mod["main"].body.block, parallel.mod["main"].body.block
+    body = tirx.IfThenElse(work >= PARALLEL_MIN_WORK, parallel_root.body, serial_root.body)
+    root = s_tir.SBlock([], [], [], "root", body, alloc_buffers=list(serial_root.alloc_buffers))
+    realize = s_tir.SBlockRealize([], True, root)
+    return func.with_body(realize).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
+
+
 def _has_matmul(func: tirx.PrimFunc) -> bool:
     try:
         s_tir.Schedule(func).get_sblock(MATMUL_BLOCK)
@@ -222,7 +300,7 @@ def schedule_cpu_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
             elif _has_matmul(func):
                 mod[gvar] = _schedule_matmul(func, lanes)
             else:
-                continue
+                mod[gvar] = _schedule_elementwise(func)
             mod[gvar] = mod[gvar].with_attr("tirx.is_scheduled", True)
         return mod
 
