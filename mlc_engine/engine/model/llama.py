@@ -16,7 +16,7 @@ from tvm.target import Target
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine.model.kv_cache import create_paged_kv_cache
-from mlc_engine.engine.model.layers import Embedding, Linear
+from mlc_engine.engine.model.layers import Embedding, Linear, swiglu
 from mlc_engine.engine.quantization import Quantization, get_quantization
 
 
@@ -46,8 +46,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(size, config.hidden_size, False, quant)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
