@@ -27,6 +27,7 @@ RoPE is applied before the cache (`RopeMode.NORMAL`): the kernels refuse `rotary
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 from tvm import tirx
@@ -212,15 +213,86 @@ def _steps(heads: int, d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
     return SimpleNamespace(start=start, score_tile=score_tile, fold_tile=fold_tile, finish=finish)
 
 
-def attention_prefill_ragged(
-    h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, vector_lanes: int
-) -> tirx.PrimFunc:
-    """In place of TVM's `_attention_prefill_ragged_cpu`: attention among the new tokens."""
+def _prefill_tasks(
+    h_kv: int,
+    h_q: int,
+    d_qk: int,
+    d_v: int,
+    vector_lanes: int,
+    keys_held: Callable[..., tirx.PrimExpr],
+    kv_tile: Callable[..., tuple[T.Buffer, T.Buffer]],
+) -> Callable[..., None]:
+    """The body of both prefill kernels: a task per query token and block of the query heads
+    that share a kv head finds the token's sequence and attends to the keys the token sees, a
+    tile at a time. The kernels differ only in where their keys and values live, which they
+    pass as `kv`, a tuple of their buffers: `keys_held(kv, b)` is how many keys sequence b
+    holds, `kv_tile(kv, b, kv_head, tile)` the [PAGE_SIZE, d] views of the keys and of the
+    values of its tile number `tile` for kv head `kv_head`."""
     group = h_q // h_kv
     heads = _heads_per_task(group, max(d_qk, d_v))
     lanes = _partial_lanes(d_qk, vector_lanes)
     step = _steps(heads, d_qk, d_v, lanes)
     blocks = h_q // heads  # tasks per query token
+
+    @T.macro
+    def attend(
+        q: T.Buffer,
+        q_indptr: T.Buffer,
+        kv: tuple[T.Buffer, ...],
+        output: T.Buffer,
+        lse: T.Buffer,
+        n_tokens: T.int32,
+        batch_size: T.int32,
+        causal: T.int32,
+        sm_scale: T.float32,
+    ) -> None:
+        for task in T.parallel(n_tokens * blocks):
+            with T.sblock("attend"):
+                T.reads()  # the rows a task touches depend on values it reads: declare none
+                T.writes()
+                query, out, scores, partial, stats = _scratch(heads, d_qk, d_v, lanes)
+                token: T.let[T.int32] = _folded(task // blocks, n_tokens)
+                h: T.let[T.int32] = task % blocks * heads  # its first head
+                for b in T.serial(batch_size):
+                    if q_indptr[b] <= token and token < q_indptr[b + 1]:
+                        n_keys: T.let[T.int32] = _visible_keys(
+                            causal,
+                            token - q_indptr[b],
+                            q_indptr[b + 1] - q_indptr[b],
+                            keys_held(kv, b),
+                        )
+                        step.start(query, out, stats, q, token, h, sm_scale)
+                        for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
+                            keys, values = kv_tile(kv, b, h // group, tile)
+                            count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
+                            step.score_tile(query, scores, partial, keys, count)
+                            step.fold_tile(out, scores, stats, values, count)
+                        step.finish(out, stats, output, lse, token, h)
+
+    return attend
+
+
+def attention_prefill_ragged(
+    h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, vector_lanes: int
+) -> tirx.PrimFunc:
+    """In place of TVM's `_attention_prefill_ragged_cpu`: attention among the new tokens."""
+
+    def keys_held(kv: tuple[T.Buffer, ...], b: tirx.PrimExpr) -> tirx.PrimExpr:
+        _, _, kv_indptr = kv
+        return kv_indptr[b + 1] - kv_indptr[b]
+
+    def kv_tile(
+        kv: tuple[T.Buffer, ...], b: tirx.PrimExpr, kv_head: tirx.PrimExpr, tile: tirx.PrimExpr
+    ) -> tuple[T.Buffer, T.Buffer]:
+        k, v, kv_indptr = kv
+        # The tile's first row of k and of v, taken as [kv_len * h_kv, d] arrays.
+        first = (kv_indptr[b] + tile * PAGE_SIZE) * h_kv + kv_head
+        return (
+            _tile(k, first * d_qk, h_kv * d_qk, d_qk, dtype),
+            _tile(v, first * d_v, h_kv * d_v, d_v, dtype),
+        )
+
+    attend = _prefill_tasks(h_kv, h_q, d_qk, d_v, vector_lanes, keys_held, kv_tile)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -254,30 +326,7 @@ def attention_prefill_ragged(
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
-        for task in T.parallel(qo_len * blocks):
-            with T.sblock("attend"):
-                T.reads()  # the rows a task touches depend on values it reads: declare none
-                T.writes()
-                query, out, scores, partial, stats = _scratch(heads, d_qk, d_v, lanes)
-                token: T.let[T.int32] = _folded(task // blocks, qo_len)
-                h: T.let[T.int32] = task % blocks * heads  # its first head
-                for b in T.serial(batch_size):
-                    if q_indptr[b] <= token and token < q_indptr[b + 1]:
-                        n_keys: T.let[T.int32] = _visible_keys(
-                            causal,
-                            token - q_indptr[b],
-                            q_indptr[b + 1] - q_indptr[b],
-                            kv_indptr[b + 1] - kv_indptr[b],
-                        )
-                        step.start(query, out, stats, q, token, h, sm_scale)
-                        for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
-                            first = (kv_indptr[b] + tile * PAGE_SIZE) * h_kv + h // group
-                            keys = _tile(k, first * d_qk, h_kv * d_qk, d_qk, dtype)
-                            values = _tile(v, first * d_v, h_kv * d_v, d_v, dtype)
-                            count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
-                            step.score_tile(query, scores, partial, keys, count)
-                            step.fold_tile(out, scores, stats, values, count)
-                        step.finish(out, stats, output, lse, token, h)
+        attend(q, q_indptr, (k, v, kv_indptr), output, lse, qo_len, batch_size, causal, sm_scale)
 
     return batch_prefill_ragged_kv
 
@@ -287,12 +336,21 @@ def attention_prefill_paged(
 ) -> tirx.PrimFunc:
     """In place of TVM's `_attention_prefill_cpu` (no sliding window): the new tokens against
     what their sequences hold in the paged cache."""
-    group = h_q // h_kv
-    heads = _heads_per_task(group, d)
-    lanes = _partial_lanes(d, vector_lanes)
-    step = _steps(heads, d, d, lanes)
-    blocks = h_q // heads  # tasks per query token
     page_stride = h_kv * PAGE_SIZE * d  # elements from a page's K half to its V half
+
+    def keys_held(kv: tuple[T.Buffer, ...], b: tirx.PrimExpr) -> tirx.PrimExpr:
+        _, page_indptr, _, last_page_len = kv
+        return _paged_kv_len(page_indptr, last_page_len, b)
+
+    def kv_tile(
+        kv: tuple[T.Buffer, ...], b: tirx.PrimExpr, kv_head: tirx.PrimExpr, tile: tirx.PrimExpr
+    ) -> tuple[T.Buffer, T.Buffer]:
+        pages, page_indptr, page_values, _ = kv
+        page = page_values[page_indptr[b] + tile]
+        first = (page * 2 * h_kv + kv_head) * PAGE_SIZE * d
+        return _tile(pages, first, d, d, dtype), _tile(pages, first + page_stride, d, d, dtype)
+
+    attend = _prefill_tasks(h_kv, h_q, d, d, vector_lanes, keys_held, kv_tile)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -333,31 +391,17 @@ def attention_prefill_paged(
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
-        for task in T.parallel(total_len * blocks):
-            with T.sblock("attend"):
-                T.reads()  # the rows a task touches depend on values it reads: declare none
-                T.writes()
-                query, out, scores, partial, stats = _scratch(heads, d, d, lanes)
-                token: T.let[T.int32] = _folded(task // blocks, total_len)
-                h: T.let[T.int32] = task % blocks * heads  # its first head
-                for b in T.serial(batch_size):
-                    if q_indptr[b] <= token and token < q_indptr[b + 1]:
-                        n_keys: T.let[T.int32] = _visible_keys(
-                            causal,
-                            token - q_indptr[b],
-                            q_indptr[b + 1] - q_indptr[b],
-                            _paged_kv_len(page_indptr, last_page_len, b),
-                        )
-                        step.start(query, out, stats, q, token, h, sm_scale)
-                        for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
-                            page = page_values[page_indptr[b] + tile]
-                            first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
-                            keys = _tile(pages, first, d, d, dtype)
-                            values = _tile(pages, first + page_stride, d, d, dtype)
-                            count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
-                            step.score_tile(query, scores, partial, keys, count)
-                            step.fold_tile(out, scores, stats, values, count)
-                        step.finish(out, stats, output, lse, token, h)
+        attend(
+            q,
+            q_indptr,
+            (pages, page_indptr, page_values, last_page_len),
+            output,
+            lse,
+            total_len,
+            batch_size,
+            causal,
+            sm_scale,
+        )
 
     return batch_prefill_paged_kv_cpu
 
