@@ -186,9 +186,12 @@ def test_paged_prefill_kernel_matches_numpy(causal: int) -> None:
         np.testing.assert_allclose(lse[span], want_lse, atol=1e-5)
 
 
-def test_paged_decode_kernel_matches_numpy() -> None:
+# One sequence: its pages split into several runs, merged after (two, and empty runs, for the
+# batch of five).
+@pytest.mark.parametrize("lengths", [[1, 16, 17, 0, 100], [100], [33], [0]])
+def test_paged_decode_kernel_matches_numpy(lengths: list[int]) -> None:
     rng = np.random.default_rng(2)
-    cache = PagedCache([1, 16, 17, 0, 100], rng)
+    cache = PagedCache(lengths, rng)
     batch = len(cache.lengths)
     q = rng.standard_normal((batch, H_Q, D), np.float32)
     zeros = [np.zeros(batch, np.int32)] * 2

@@ -410,7 +410,13 @@ def attention_decode_paged(
     h_kv: int, h_q: int, d: int, dtype: str, vector_lanes: int
 ) -> tirx.PrimFunc:
     """In place of TVM's `_attention_decode_cpu` (no sliding window): each sequence's one new
-    token against everything the sequence holds in the paged cache."""
+    token against everything the sequence holds in the paged cache.
+
+    A decode has few tasks (SmolLM2: 3 per sequence, one per kv head), so each sequence's pages
+    are split into up to MAX_SPLITS runs, as many as bring the tasks to about TARGET_TASKS;
+    each task attends to one run and keeps its unnormalized output, maximum and total, and a
+    serial pass then merges the runs of each head (at 1000 keys, 3 tasks on 2 threads had left
+    one thread a third of the time idle)."""
     group = h_q // h_kv
     heads = _heads_per_task(group, d)
     lanes = _partial_lanes(d, vector_lanes)
@@ -453,23 +459,89 @@ def attention_decode_paged(
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
-        for task in T.parallel(batch_size * blocks):
-            with T.sblock("attend"):
-                T.reads()  # the rows a task touches depend on values it reads: declare none
-                T.writes()
-                query, out, scores, partial, stats = _scratch(heads, d, d, lanes)
-                b: T.let[T.int32] = task // blocks
-                h: T.let[T.int32] = task % blocks * heads  # its first head
-                n_keys: T.let[T.int32] = _paged_kv_len(page_indptr, last_page_len, b)
-                step.start(query, out, stats, q, b, h, sm_scale)
-                for tile in T.serial(T.ceildiv(n_keys, PAGE_SIZE)):
-                    page = page_values[page_indptr[b] + tile]
-                    first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
-                    keys = _tile(pages, first, d, d, dtype)
-                    values = _tile(pages, first + page_stride, d, d, dtype)
-                    count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
-                    step.score_tile(query, scores, partial, keys, count)
-                    step.fold_tile(out, scores, stats, values, count)
-                step.finish(out, stats, output, lse, b, h)
+        with T.sblock("root"):
+            splits: T.let[T.int32] = T.max(
+                1, T.min(MAX_SPLITS, T.ceildiv(TARGET_TASKS, batch_size * blocks))
+            )
+            # Per sequence, query head and run: the run's output (not yet divided by its
+            # total), and its maximum and total.
+            run_out = T.sblock_alloc_buffer((batch_size, h_q, MAX_SPLITS, d), "float32")
+            run_stats = T.sblock_alloc_buffer((batch_size, h_q, MAX_SPLITS, 2), "float32")
+            for task in T.parallel(batch_size * blocks * splits):
+                with T.sblock("attend"):
+                    T.reads()  # the rows a task touches depend on values it reads: declare none
+                    T.writes()
+                    query, out, scores, partial, stats = _scratch(heads, d, d, lanes)
+                    b: T.let[T.int32] = task // (blocks * splits)
+                    h: T.let[T.int32] = task // splits % blocks * heads  # its first head
+                    run: T.let[T.int32] = task % splits
+                    n_keys: T.let[T.int32] = _paged_kv_len(page_indptr, last_page_len, b)
+                    per_run: T.let[T.int32] = T.ceildiv(T.ceildiv(n_keys, PAGE_SIZE), splits)
+                    step.start(query, out, stats, q, b, h, sm_scale)
+                    for tile in T.serial(
+                        run * per_run, T.min((run + 1) * per_run, T.ceildiv(n_keys, PAGE_SIZE))
+                    ):
+                        page = page_values[page_indptr[b] + tile]
+                        first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
+                        keys = _tile(pages, first, d, d, dtype)
+                        values = _tile(pages, first + page_stride, d, d, dtype)
+                        count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
+                        step.score_tile(query, scores, partial, keys, count)
+                        step.fold_tile(out, scores, stats, values, count)
+                    for g in T.serial(heads):
+                        for i in T.vectorized(d):
+                            run_out[b, h + g, run, i] = out[g, i]
+                        run_stats[b, h + g, run, 0] = stats[g, MAX]
+                        # The phantom key counts once, in run 0: a later run without keys
+                        # adds nothing.
+                        run_stats[b, h + g, run, 1] = T.Select(
+                            run == 0 or run * per_run < T.ceildiv(n_keys, PAGE_SIZE),
+                            stats[g, TOTAL],
+                            T.float32(0),
+                        )
+            for b, head in T.grid(batch_size, h_q):
+                with T.sblock("merge"):
+                    T.reads()
+                    T.writes()
+                    _merge_runs(run_out, run_stats, output, lse, b, head, splits, d)
 
     return batch_decode_paged_kv
+
+
+# A decode splits each sequence's keys into at most this many runs, as many as bring its tasks
+# to about TARGET_TASKS (a few per thread of a 2-to-8-core CPU).
+MAX_SPLITS = 4
+TARGET_TASKS = 16
+
+
+@T.macro
+def _merge_runs(
+    run_out: T.Buffer,
+    run_stats: T.Buffer,
+    output: T.Buffer,
+    lse: T.Buffer,
+    b: T.int32,
+    head: T.int32,
+    splits: T.int32,
+    d: T.int32,
+) -> None:
+    """One head's runs combined: each weighted by 2**(its maximum - the largest maximum).
+    Run 0 holds the phantom key (NO_SCORE, total 1), which weighs nothing beside a real key
+    and, with no keys at all, gives TVM's empty answer (0, lse -5e4)."""
+    merged = T.sblock_alloc_buffer((3,), "float32")  # largest maximum, total, weight
+    merged[0] = run_stats[b, head, 0, 0]
+    for run in T.serial(1, splits):
+        merged[0] = T.max(merged[0], run_stats[b, head, run, 0])
+    merged[1] = T.float32(0)
+    for run in T.serial(splits):
+        merged[1] += run_stats[b, head, run, 1] * _exp2(run_stats[b, head, run, 0] - merged[0])
+    for i in T.serial(d):
+        output[b, head, i] = T.cast(T.float32(0), output.dtype)
+    for run in T.serial(splits):
+        merged[2] = _exp2(run_stats[b, head, run, 0] - merged[0]) / merged[1]
+        for i in T.serial(d):
+            output[b, head, i] = T.cast(
+                T.cast(output[b, head, i], "float32") + run_out[b, head, run, i] * merged[2],
+                output.dtype,
+            )
+    lse[b, head] = merged[0] + T.log2(merged[1])
