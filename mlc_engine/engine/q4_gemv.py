@@ -31,7 +31,7 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
-from mlc_engine.engine.quantization import GROUP_SIZE
+from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
 
 INT16_MAX = 32767.0
 # Columns per parallel task.
@@ -89,7 +89,7 @@ def _operands(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[int, int,
     for d in x.shape[:-1]:
         rows *= int(d)
     n, k = (int(d) for d in packed.shape)
-    k *= 32 // 4  # eight codes per word
+    k *= CODES_PER_WORD
     if rows != 1 or n % COLUMNS_PER_TASK or k % GROUP_SIZE:
         return None
     # The kernel declares x, codes, scale, [minimum], [residual], out: the weights in the order
@@ -165,6 +165,9 @@ def _kernel(
     shapes = [[int(d) for d in p.shape] for p in func.params]
     x_shape, scale_shape, out_shape = shapes[0], shapes[2], shapes[-1]
 
+    def column(task: tirx.PrimExpr, tile: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+        return task * COLUMNS_PER_TASK + tile * column_tile + c
+
     @T.macro
     def body(x_arg, codes_arg, scale_arg, minimum_arg, residual_arg, out_arg):
         x_in = T.match_buffer(x_arg, x_shape, "float32")
@@ -212,35 +215,18 @@ def _kernel(
                         # value to memory and loads it back.
                         sums[c, T.ramp(0, 1, LANES)] = sums[c, T.ramp(0, 1, LANES)] + T.Cast(
                             "float32x8",
-                            _group_dot(
-                                code_bytes,
-                                xq,
-                                task * COLUMNS_PER_TASK + tile * column_tile + c,
-                                g,
-                                k,
-                            ),
+                            _group_dot(code_bytes, xq, column(task, tile, c), g, k),
                         ) * T.Broadcast(
-                            scale[task * COLUMNS_PER_TASK + tile * column_tile + c, g] * x_scale[g],
+                            scale[column(task, tile, c), g] * x_scale[g],
                             LANES,
                         )
                         minimums[c] += (
-                            _minimum(
-                                scale,
-                                minimum,
-                                task * COLUMNS_PER_TASK + tile * column_tile + c,
-                                g,
-                                has_minimum,
-                            )
+                            _minimum(scale, minimum, column(task, tile, c), g, has_minimum)
                             * x_sum[g]
                         )
                 for c in range(column_tile):
-                    out[task * COLUMNS_PER_TASK + tile * column_tile + c] = _total(
-                        sums,
-                        minimums,
-                        residual,
-                        task * COLUMNS_PER_TASK + tile * column_tile + c,
-                        c,
-                        has_residual,
+                    out[column(task, tile, c)] = _total(
+                        sums, minimums, residual, column(task, tile, c), c, has_residual
                     )
 
     # One parameter list per variant; absent operands are None (the body never reads them).

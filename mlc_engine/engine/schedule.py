@@ -178,10 +178,7 @@ def _schedule_gemm(sch: s_tir.Schedule, lanes: int) -> None:
 def _row_count(func: tirx.PrimFunc) -> tirx.PrimExpr:
     sch = s_tir.Schedule(func)
     *spatial, _, _ = sch.get_loops(sch.get_sblock(MATMUL_BLOCK))
-    count: tirx.PrimExpr = tirx.IntImm("int64", 1)
-    for loop in spatial:
-        count = count * sch.get(loop).extent
-    return tvm.sym.Analyzer().simplify(count)
+    return _extent_product(sch, spatial)
 
 
 def _schedule_matmul(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
