@@ -99,7 +99,10 @@ class ModelRuntime:
         self._check_library(lib_path, model_folder)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
-        self._decode_one = self.vm["decode_one"]
+        try:
+            self._decode_one = self.vm["decode_one"]
+        except AttributeError:  # a --lib-path library built before decode_one existed
+            self._decode_one = self._decode
         self.params = self._load_params(model_folder)
 
     def _check_library(self, lib_path: Path, model_folder: Path) -> None:
