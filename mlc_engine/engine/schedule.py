@@ -275,6 +275,9 @@ def _schedule_elementwise(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     _vectorize_rows(serial, lanes)
     parallel = s_tir.Schedule(serial.mod["main"])
     _parallelize_rows(parallel)
+    # The largest block decides. A symbolic size ranks as the threshold: a constant block
+    # larger than that makes the kernel parallel always; otherwise the symbolic size decides
+    # at run time.
     work = max(
         (_extent_product(serial, serial.get_loops(b)) for b in _blocks(serial)),
         key=lambda w: w.value if isinstance(w, tirx.IntImm) else PARALLEL_MIN_WORK,
