@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
@@ -224,7 +226,10 @@ def unpack(cls: type[T], payload: bytes) -> T:
         data = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as error:  # msgpack raises several unrelated types
         raise ProtocolError(f"not msgpack: {error}") from None
-    return typing.cast(T, _from_wire(cls, data, cls.__name__))
+    try:
+        return typing.cast(T, _decoder(typing.cast(Any, cls))(data))
+    except _Mismatch as mismatch:
+        raise ProtocolError(f"{cls.__name__}{mismatch.path}: {mismatch.detail}") from None
 
 
 def _to_wire(value: Any) -> Any:
@@ -237,57 +242,87 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
-_hints_cache: dict[type, dict[str, Any]] = {}
+class _Mismatch(Exception):
+    """A value that is not of its field's type; `path` grows as it passes up through fields."""
+
+    def __init__(self, detail: str, path: str = ""):
+        self.detail, self.path = detail, path
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _hints_cache:
-        _hints_cache[cls] = typing.get_type_hints(cls)
-    return _hints_cache[cls]
+Decoder = Callable[[Any], Any]
 
 
-def _from_wire(kind: Any, value: Any, where: str) -> Any:
+@functools.cache
+def _decoder(kind: Any) -> Decoder:
+    """The function that checks and converts a wire value of type `kind`, built once per type:
+    working out a type's fields and hints for every message had cost 0.5 ms a STEP."""
     origin = typing.get_origin(kind)
     if dataclasses.is_dataclass(kind) and isinstance(kind, type):
-        fields = dataclasses.fields(kind)
-        if not isinstance(value, list) or len(value) != len(fields):
-            raise ProtocolError(f"{where}: expected {len(fields)} fields")
-        hints = _hints(kind)
-        return kind(
-            **{
-                f.name: _from_wire(hints[f.name], item, f"{where}.{f.name}")
-                for f, item in zip(fields, value, strict=True)
-            }
-        )
+        return _dataclass_decoder(kind)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
-            try:
-                return _from_wire(option, value, where)
-            except ProtocolError:
-                continue
-        raise ProtocolError(f"{where}: {value!r:.40} is none of {kind}")
+        options = [_decoder(option) for option in typing.get_args(kind)]
+
+        def union(value: Any) -> Any:
+            for option in options:
+                try:
+                    return option(value)
+                except _Mismatch:
+                    continue
+            raise _Mismatch(f"{value!r:.40} is none of {kind}")
+
+        return union
     if origin is list:
-        (item_kind,) = typing.get_args(kind)
-        if not isinstance(value, list):
-            raise ProtocolError(f"{where}: expected a list")
-        return [_from_wire(item_kind, item, f"{where}[]") for item in value]
+        (item,) = (_decoder(k) for k in typing.get_args(kind))
+
+        def items(value: Any) -> Any:
+            if not isinstance(value, list):
+                raise _Mismatch("expected a list")
+            try:
+                return [item(v) for v in value]
+            except _Mismatch as mismatch:
+                raise _Mismatch(mismatch.detail, "[]" + mismatch.path) from None
+
+        return items
     if origin is tuple:
-        item_kinds = typing.get_args(kind)
-        if not isinstance(value, list) or len(value) != len(item_kinds):
-            raise ProtocolError(f"{where}: expected {len(item_kinds)} items")
-        return tuple(_from_wire(k, v, where) for k, v in zip(item_kinds, value, strict=True))
+        members = [_decoder(k) for k in typing.get_args(kind)]
+
+        def fixed(value: Any) -> Any:
+            if not isinstance(value, list) or len(value) != len(members):
+                raise _Mismatch(f"expected {len(members)} items")
+            return tuple(member(v) for member, v in zip(members, value, strict=True))
+
+        return fixed
     if origin is dict:
-        key_kind, item_kind = typing.get_args(kind)
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{where}: expected a map")
-        return {
-            _from_wire(key_kind, k, where): _from_wire(item_kind, v, where)
-            for k, v in value.items()
-        }
-    return _scalar(kind, value, where)
+        key, item = (_decoder(k) for k in typing.get_args(kind))
+
+        def mapping(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Mismatch("expected a map")
+            return {key(k): item(v) for k, v in value.items()}
+
+        return mapping
+    return functools.partial(_scalar, kind)
 
 
-def _scalar(kind: Any, value: Any, where: str) -> Any:
+def _dataclass_decoder(kind: type) -> Decoder:
+    hints = typing.get_type_hints(kind)
+    fields = [(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(kind)]
+
+    def decode(value: Any) -> Any:
+        if not isinstance(value, list) or len(value) != len(fields):
+            raise _Mismatch(f"expected {len(fields)} fields")
+        arguments = {}
+        for (name, field), item in zip(fields, value, strict=True):
+            try:
+                arguments[name] = field(item)
+            except _Mismatch as mismatch:
+                raise _Mismatch(mismatch.detail, f".{name}{mismatch.path}") from None
+        return kind(**arguments)
+
+    return decode
+
+
+def _scalar(kind: Any, value: Any) -> Any:
     if kind is type(None):
         if value is None:
             return None
@@ -299,4 +334,4 @@ def _scalar(kind: Any, value: Any, where: str) -> Any:
             return value
     elif isinstance(value, kind):
         return value
-    raise ProtocolError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r:.40}")
+    raise _Mismatch(f"expected {getattr(kind, '__name__', kind)}, got {value!r:.40}")
