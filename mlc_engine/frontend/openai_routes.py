@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import falcon.asgi
@@ -78,28 +78,51 @@ def _stream_end(ids: ResponseIds, object_type: str, usage: Usage | None) -> list
     return [*events, sse("[DONE]")]
 
 
-async def _respond(
-    req: falcon.asgi.Request,
-    resp: falcon.asgi.Response,
-    generation: Generation,
-    stream: bool,
-    render_stream: Callable[[AsyncGenerator[Delta, None]], AsyncIterator[bytes]],
-    render_whole: Callable[[AsyncGenerator[Delta, None]], Awaitable[dict[str, Any]]],
-) -> None:
-    deltas = until_disconnected(generation.deltas(), req.scope)
-    if stream:
-        started = await _started(deltas)
-        resp.content_type = "text/event-stream"
-        resp.set_header("Cache-Control", "no-cache")
-        resp.stream = render_stream(started)
-    else:
-        resp.media = await render_whole(deltas)
+class _GenerationRoute:
+    """What chat completions and completions share: the service, and answering with a stream
+    or a whole response rendered by the route's `_stream` / `_whole`."""
 
-
-class ChatCompletions:
     def __init__(self, service: Service):
         self.service = service
 
+    async def _respond(
+        self,
+        req: falcon.asgi.Request,
+        resp: falcon.asgi.Response,
+        generation: Generation,
+        body: Any,
+        id_prefix: str,
+    ) -> None:
+        ids = ResponseIds(id_prefix, generation.request_id, self.service.model_name)
+        deltas = until_disconnected(generation.deltas(), req.scope)
+        if body.stream:
+            started = await _started(deltas)
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.stream = self._stream(started, generation, ids, body)
+        else:
+            resp.media = await self._whole(deltas, generation, ids, body)
+
+    def _stream(
+        self,
+        deltas: AsyncGenerator[Delta, None],
+        generation: Generation,
+        ids: ResponseIds,
+        body: Any,
+    ) -> AsyncIterator[bytes]:
+        raise NotImplementedError
+
+    async def _whole(
+        self,
+        deltas: AsyncGenerator[Delta, None],
+        generation: Generation,
+        ids: ResponseIds,
+        body: Any,
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChatCompletions(_GenerationRoute):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         service = self.service
         body = await service.read(req, ChatCompletionRequest)
@@ -108,15 +131,7 @@ class ChatCompletions:
         top = body.top_logprobs or 0
         params = service.sampling_params(body, [prompt], body.logprobs, top)
         generation = service.start([prompt], params, body.stop_strings())
-        ids = ResponseIds("chatcmpl", generation.request_id, service.model_name)
-        await _respond(
-            req,
-            resp,
-            generation,
-            body.stream,
-            lambda deltas: self._stream(deltas, generation, ids, body),
-            lambda deltas: self._whole(deltas, generation, ids, body),
-        )
+        await self._respond(req, resp, generation, body, "chatcmpl")
 
     def _stream(
         self,
@@ -186,10 +201,7 @@ class ChatCompletions:
         }
 
 
-class Completions:
-    def __init__(self, service: Service):
-        self.service = service
-
+class Completions(_GenerationRoute):
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         service = self.service
         body = await service.read(req, CompletionRequest)
@@ -199,15 +211,7 @@ class Completions:
         params = service.sampling_params(body, prompts, wants_logprobs, body.logprobs or 0)
         params.prompt_logprobs = body.echo and wants_logprobs
         generation = service.start(prompts, params, body.stop_strings())
-        ids = ResponseIds("cmpl", generation.request_id, service.model_name)
-        await _respond(
-            req,
-            resp,
-            generation,
-            body.stream,
-            lambda deltas: self._stream(deltas, generation, ids, body),
-            lambda deltas: self._whole(deltas, generation, ids, body),
-        )
+        await self._respond(req, resp, generation, body, "cmpl")
 
     def _echo(self, generation: Generation, index: int) -> tuple[str, list]:
         """The prompt's text and tokens (with logprobs when asked) of choice `index`."""
