@@ -22,7 +22,7 @@ from rich.table import Table
 
 from mlc_engine.common.device import Device
 from mlc_engine.engine.models import prepare_model
-from mlc_engine.engine.runtime import ModelRuntime
+from mlc_engine.engine.runtime import KVCache, ModelRuntime
 
 
 def main() -> None:
@@ -39,9 +39,10 @@ def main() -> None:
     seqs = list(range(args.batch))
     prompts = [list(range(1 + s, args.context + 1 + s)) for s in seqs]
     runtimes = [ModelRuntime(lib, folder, tvm.cpu()) for lib in args.libraries]
+    # Each sequence holds whole pages: room for its tokens rounded up to a page, and one more.
+    pages = -(-(args.context + args.steps) // KVCache.page_size) + 1
     caches = [
-        rt.create_kv_cache(args.batch, args.batch * (args.context + args.steps) + 64)
-        for rt in runtimes
+        rt.create_kv_cache(args.batch, args.batch * pages * KVCache.page_size) for rt in runtimes
     ]
     speeds: list[list[float]] = [[] for _ in runtimes]
     for _ in range(args.rounds):

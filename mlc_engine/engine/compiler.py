@@ -24,7 +24,14 @@ from mlc_engine.engine.schedule import schedule_cpu_kernels
 
 # The sources whose change changes the compiled code: part of every library's cache key, so a
 # changed schedule or model definition never runs from a stale library.
-_CODEGEN_SOURCES = ("compiler.py", "schedule.py", "q4_gemv.py", "quantization.py", "model/*.py")
+_CODEGEN_SOURCES = (
+    "compiler.py",
+    "schedule.py",
+    "q4_gemv.py",
+    "q4_gemm.py",
+    "quantization.py",
+    "model/*.py",
+)
 
 
 def _codegen_fingerprint() -> str:

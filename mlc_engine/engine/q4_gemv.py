@@ -24,6 +24,7 @@ The kernel replaces the whole fused function: matmul, then an optional residual 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import tvm
@@ -48,18 +49,37 @@ RESIDUAL_BLOCK = "T_add"
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
     """Whether `func` is a one-row 4-bit float32 matmul (plus residual) this kernel serves."""
-    return _operands(func, target) is not None
+    operands = q4_operands(func, target)
+    return (
+        operands is not None
+        and isinstance(operands.rows, tirx.IntImm)
+        and operands.rows.value == 1
+        and operands.n % COLUMNS_PER_TASK == 0
+        and all(isinstance(d, tirx.IntImm) for p in func.params for d in p.shape)
+    )
 
 
 def single_row_q4_matmul(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     """The int16-activation kernel standing in for `func` (same parameters, same result)."""
-    operands = _operands(func, target)
-    assert operands is not None, "check applies() first"
-    return _kernel(func, *operands)
+    operands = q4_operands(func, target)
+    assert operands is not None and applies(func, target), "check applies() first"
+    return _kernel(func, operands.k, operands.n, operands.has_minimum, operands.has_residual)
 
 
-def _operands(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[int, int, bool, bool] | None:
-    """(k, n, has_minimum, has_residual) when `func` has the expected shape, else None."""
+@dataclasses.dataclass(frozen=True)
+class Q4Operands:
+    """The shape of a 4-bit float32 matmul the int16 kernels can stand in for."""
+
+    rows: tirx.PrimExpr  # rows of x (a constant, or symbolic)
+    k: int
+    n: int
+    has_minimum: bool
+    has_residual: bool
+
+
+def q4_operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Q4Operands | None:
+    """What the int16 kernels need to know of `func`, when it is a matmul of float32 rows by a
+    4-bit matrix (whose shape is constant), optionally plus a residual, on AVX2; else None."""
     from tvm.target import codegen
 
     if not codegen.llvm_cpu_has_features(["avx2"], target):
@@ -83,21 +103,22 @@ def _operands(func: tirx.PrimFunc, target: tvm.target.Target) -> tuple[int, int,
         return None
     if any(str(p.dtype) != "float32" for p in params if not p.same_as(packed)):
         return None
-    if not all(isinstance(d, tirx.IntImm) for p in params for d in p.shape):
+    if not all(isinstance(d, tirx.IntImm) for p in weights for d in p.shape):
         return None
-    rows = 1
-    for d in x.shape[:-1]:
-        rows *= int(d)
     n, k = (int(d) for d in packed.shape)
     k *= CODES_PER_WORD
-    if rows != 1 or n % COLUMNS_PER_TASK or k % GROUP_SIZE:
+    if k % GROUP_SIZE:
         return None
-    # The kernel declares x, codes, scale, [minimum], [residual], out: the weights in the order
+    # The kernels declare x, codes, scale, [minimum], [residual], out: the weights in the order
     # `Q4Weight.tensors()` passes them.
     operands = params[1 : 1 + len(weights)]
     if not operands[0].same_as(packed) or {p.name for p in operands} != {b.name for b in weights}:
         return None
-    return k, n, len(weights) == 3, has_residual
+    rows: tirx.PrimExpr = tirx.IntImm("int64", 1)
+    for d in x.shape[:-1]:
+        rows = rows * d.astype("int64")
+    rows = tvm.sym.Analyzer().simplify(rows)
+    return Q4Operands(rows, k, n, len(weights) == 3, has_residual)
 
 
 def _group_dot(
@@ -116,7 +137,7 @@ def _group_dot(
     )
 
 
-def _tree(
+def tree(
     combine: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], terms: list[tirx.PrimExpr]
 ) -> tirx.PrimExpr:
     """The terms combined pairwise, as a balanced tree."""
@@ -125,10 +146,10 @@ def _tree(
     return terms[0]
 
 
-def _largest(x: tirx.Buffer, g: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The largest magnitude in group g of x."""
-    values = [tirx.abs(x[g * GROUP_SIZE + j]) for j in range(GROUP_SIZE)]
-    return _tree(tirx.max, values)
+def largest_at(x: tirx.Buffer, start: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The largest magnitude in the group of x that begins at `start`."""
+    values = [tirx.abs(x[start + j]) for j in range(GROUP_SIZE)]
+    return tree(tirx.max, values)
 
 
 def _minimum(
@@ -152,7 +173,7 @@ def _total(
     c: tirx.PrimExpr,
     has_residual: bool,
 ) -> tirx.PrimExpr:
-    total = minimums[c] + _tree(tirx.Add, [sums[c, lane] for lane in range(LANES)])
+    total = minimums[c] + tree(tirx.Add, [sums[c, lane] for lane in range(LANES)])
     return residual[column] + total if has_residual else total
 
 
@@ -186,8 +207,8 @@ def _kernel(
         # Each group's largest magnitude and sum, as expression trees over its 32 values
         # (which LLVM vectorizes), then its evens and its odds rounded 16 at a time.
         for g in range(groups):
-            x_sum[g] = _tree(T.Add, [x[g * GROUP_SIZE + j] for j in range(GROUP_SIZE)])
-            x_scale[g] = _largest(x, g) / T.float32(INT16_MAX)
+            x_sum[g] = tree(T.Add, [x[g * GROUP_SIZE + j] for j in range(GROUP_SIZE)])
+            x_scale[g] = largest_at(x, g * GROUP_SIZE) / T.float32(INT16_MAX)
             for half in range(2):
                 xq[T.ramp(g * GROUP_SIZE + half * HALF, 1, HALF)] = T.Cast(
                     "int16x16",
@@ -195,7 +216,9 @@ def _kernel(
                         x[T.ramp(g * GROUP_SIZE + half, 2, HALF)]
                         * T.Broadcast(
                             T.if_then_else(
-                                x_scale[g] > 0, T.float32(INT16_MAX) / _largest(x, g), 0.0
+                                x_scale[g] > 0,
+                                T.float32(INT16_MAX) / largest_at(x, g * GROUP_SIZE),
+                                0.0,
                             ),
                             HALF,
                         )

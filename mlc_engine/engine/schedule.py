@@ -7,6 +7,8 @@ one kernel, picked at run time by the number of rows (tokens) it multiplies:
   SIMD vectors, sharing one scale and minimum) per column and multiplies it into a register tile
   of partial sums (rows x columns, one register each). The rows are padded to the tile (1, 4
   or 8), so that every decoded weight serves all of them.
+- 9 to 64 rows of a 4-bit float32 matmul on AVX2 (batched decode, short prefill chunks): the
+  int16-activation kernel of `q4_gemm.py`.
 - more rows (prefill, large batches): each parallel task dequantizes a tile of columns once, into
   a transposed local buffer (columns in SIMD lanes), then runs a 6-row x 16-column register tile
   of accumulators over it, so that the 4-bit decoding is paid once per weight rather than once
@@ -22,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from mlc_engine.engine import q4_gemv
+from mlc_engine.engine import q4_gemm, q4_gemv
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
 
@@ -181,21 +183,27 @@ def _row_count(func: tirx.PrimFunc) -> tirx.PrimExpr:
     return _extent_product(sch, spatial)
 
 
-def _schedule_matmul(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+def _schedule_matmul(func: tirx.PrimFunc, lanes: int, target: tvm.target.Target) -> tirx.PrimFunc:
     """One kernel holding a schedule per range of row counts, picked at run time."""
-    variants: list[tuple[int | None, s_tir.Schedule]] = []
+    variants: list[tuple[int | None, tirx.Stmt]] = []
     for row_tile in GEMV_ROW_TILES:
-        variants.append((row_tile, s_tir.Schedule(func)))
-        _schedule_gemv(variants[-1][1], lanes, row_tile)
-    variants.append((None, s_tir.Schedule(func)))
-    _schedule_gemm(variants[-1][1], lanes)
+        sch = s_tir.Schedule(func)
+        _schedule_gemv(sch, lanes, row_tile)
+        variants.append((row_tile, sch.mod["main"].body))
+    if q4_gemm.applies(func, target):
+        variants.append((q4_gemm.MAX_ROWS, q4_gemm.multi_row_body(func, target)))
+    sch = s_tir.Schedule(func)
+    _schedule_gemm(sch, lanes)
+    variants.append((None, sch.mod["main"].body))
     rows = _row_count(func)
     if isinstance(rows, tirx.IntImm):
-        return next(s.mod["main"] for bound, s in variants if bound is None or rows.value <= bound)
+        return func.with_body(
+            next(body for bound, body in variants if bound is None or rows.value <= bound)
+        )
     # Dispatch on the row count at run time (as MLC-LLM does for low-batch GEMV on GPUs).
-    body = variants[-1][1].mod["main"].body
-    for bound, sch in reversed(variants[:-1]):
-        body = tirx.IfThenElse(rows <= bound, sch.mod["main"].body, body)
+    body = variants[-1][1]
+    for bound, variant in reversed(variants[:-1]):
+        body = tirx.IfThenElse(rows <= bound, variant, body)
     root = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
     return func.with_body(root).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
 
@@ -314,7 +322,7 @@ def schedule_cpu_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
             if q4_gemv.applies(func, target):
                 mod[gvar] = q4_gemv.single_row_q4_matmul(func, target)
             elif _has_matmul(func):
-                mod[gvar] = _schedule_matmul(func, lanes)
+                mod[gvar] = _schedule_matmul(func, lanes, target)
             else:
                 mod[gvar] = _schedule_elementwise(func, lanes)
             mod[gvar] = mod[gvar].with_attr("tirx.is_scheduled", True)
