@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from test_q4_gemv import TARGET, _matmul_func
+from test_q4_gemv import TARGET, _int16_reference, _matmul_func
 from tvm import te
 
 from mlc_engine.engine import q4_gemm, schedule
@@ -18,7 +18,6 @@ from mlc_engine.engine.quantization import (
     pack_codes,
     quantize_asymmetric,
     quantize_symmetric,
-    unpack_codes,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -35,18 +34,6 @@ def _packed(has_minimum: bool, rng: np.random.Generator, k: int = K) -> PackedQ4
         return PackedQ4(pack_codes(codes), scale, minimum)
     codes, scale = quantize_symmetric(float_weight)
     return PackedQ4(pack_codes(codes), scale, None)
-
-
-def _int16_reference(x: np.ndarray, packed: PackedQ4) -> np.ndarray:
-    """x @ W.T for rows of x, each rounded to int16 per group of 32 the kernel's way."""
-    groups = x.reshape(len(x), -1, GROUP_SIZE)
-    largest = np.abs(groups).max(axis=2, keepdims=True)
-    rounded = np.rint(groups * (np.float32(32767) / largest)) * (largest / np.float32(32767))
-    scaled_codes = np.repeat(packed.scale, GROUP_SIZE, axis=1).astype(np.float64)
-    scaled_codes *= unpack_codes(packed.weight)
-    offset = packed.minimum if packed.minimum is not None else -8 * packed.scale
-    offsets = np.repeat(offset, GROUP_SIZE, axis=1).astype(np.float64)
-    return rounded.reshape(x.shape) @ scaled_codes.T + x.astype(np.float64) @ offsets.T
 
 
 def _run(func: tvm.tirx.PrimFunc, x: np.ndarray, packed: PackedQ4, residual: np.ndarray | None):

@@ -53,16 +53,17 @@ def _matmul_func(
 
 
 def _int16_reference(x: np.ndarray, packed: PackedQ4) -> np.ndarray:
-    """x @ W.T the kernel's way: W = scale * code + offset, the codes meeting x rounded to
-    int16 per group of 32, the offsets meeting x itself (through each group's sum)."""
-    groups = x.reshape(-1, GROUP_SIZE)
-    largest = np.abs(groups).max(axis=1, keepdims=True)
-    step = largest / np.float32(32767)
-    rounded = (np.rint(groups * (np.float32(32767) / largest)) * step).reshape(-1)
-    scale = np.repeat(packed.scale, GROUP_SIZE, axis=1).astype(np.float64)
+    """x @ W.T for rows of x the int16 kernels' way: W = scale * code + offset, the codes meeting
+    each row rounded to int16 per group of 32, the offsets meeting x itself (through each
+    group's sum)."""
+    groups = x.reshape(len(x), -1, GROUP_SIZE)
+    largest = np.abs(groups).max(axis=2, keepdims=True)
+    rounded = np.rint(groups * (np.float32(32767) / largest)) * (largest / np.float32(32767))
+    scaled_codes = np.repeat(packed.scale, GROUP_SIZE, axis=1).astype(np.float64)
+    scaled_codes *= unpack_codes(packed.weight)
     offset = packed.minimum if packed.minimum is not None else -8 * packed.scale
-    scaled_codes = scale * unpack_codes(packed.weight)
-    return scaled_codes @ rounded + np.repeat(offset, GROUP_SIZE, axis=1) @ x.astype(np.float64)
+    offsets = np.repeat(offset, GROUP_SIZE, axis=1).astype(np.float64)
+    return rounded.reshape(x.shape) @ scaled_codes.T + x.astype(np.float64) @ offsets.T
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ def test_kernel_rounds_activations_to_int16_and_nothing_else(
 
     exact = weight.astype(np.float64) @ x.astype(np.float64)
     scale = np.abs(exact).max()
-    assert np.abs(got - _int16_reference(x, packed)).max() < 1e-5 * scale
+    assert np.abs(got - _int16_reference(x[None], packed)[0]).max() < 1e-5 * scale
     # Each activation is off by at most half a step (1/65534 of its group's largest).
     largest = np.repeat(np.abs(x.reshape(-1, GROUP_SIZE)).max(axis=1), GROUP_SIZE)
     bound = np.abs(weight) @ (largest / 65534) + 1e-5 * scale
