@@ -6,56 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from test_q4_gemv import TARGET, _int16_reference, _matmul_func
+from test_q4_gemv import TARGET, _matmul_func, assert_int16_result, packed_weight, run_kernel
 from tvm import te
 
 from mlc_engine.engine import q4_gemm, schedule
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK, _q4_value
-from mlc_engine.engine.quantization import (
-    GROUP_SIZE,
-    PackedQ4,
-    dequantize,
-    pack_codes,
-    quantize_asymmetric,
-    quantize_symmetric,
-)
+from mlc_engine.engine.quantization import GROUP_SIZE, dequantize
 
 pytestmark = pytest.mark.skipif(
     not tvm.target.codegen.llvm_cpu_has_features(["avx2"], TARGET), reason="needs AVX2"
 )
 # Whole 8 x 8 blocks of packed words and tasks of 16 columns (N is test_q4_gemv's).
 K, N = 128, 48
-
-
-def _packed(has_minimum: bool, rng: np.random.Generator, k: int = K) -> PackedQ4:
-    float_weight = rng.standard_normal((N, k)).astype(np.float32)
-    if has_minimum:
-        codes, scale, minimum = quantize_asymmetric(float_weight)
-        return PackedQ4(pack_codes(codes), scale, minimum)
-    codes, scale = quantize_symmetric(float_weight)
-    return PackedQ4(pack_codes(codes), scale, None)
-
-
-def _run(func: tvm.tirx.PrimFunc, x: np.ndarray, packed: PackedQ4, residual: np.ndarray | None):
-    run = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
-    operands = [x[:, None, :], packed.weight, packed.scale]
-    operands += [packed.minimum] if packed.minimum is not None else []
-    operands += [residual[:, None, :]] if residual is not None else []
-    device = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros((len(x), 1, N), np.float32), device)
-    run["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in operands), out)
-    return out.numpy()[:, 0, :] - (residual if residual is not None else 0)
-
-
-def _assert_int16_result(got: np.ndarray, x: np.ndarray, packed: PackedQ4) -> None:
-    exact = x.astype(np.float64) @ dequantize(packed).T.astype(np.float64)
-    scale = np.abs(exact).max()
-    assert np.abs(got - _int16_reference(x, packed)).max() < 1e-5 * scale
-    # Each activation is off by at most half a step (1/65534 of its group's largest).
-    largest = np.repeat(np.abs(x.reshape(len(x), -1, GROUP_SIZE)).max(axis=2), GROUP_SIZE, axis=1)
-    bound = (largest / 65534) @ np.abs(dequantize(packed)).T + 1e-5 * scale
-    assert np.all(np.abs(got - exact) <= bound)
-    assert np.abs(got - exact).max() > 1e-7 * scale  # the rounding is really there
 
 
 @pytest.mark.parametrize(
@@ -69,12 +31,12 @@ def test_kernel_rounds_activations_to_int16_and_nothing_else(
     func = _matmul_func(has_minimum, has_residual, rows=rows, k_size=K)
     assert q4_gemm.applies(func, TARGET)
     rng = np.random.default_rng(rows)
-    packed = _packed(has_minimum, rng)
+    packed = packed_weight(has_minimum, rng, K)
     x = rng.standard_normal((rows, K)).astype(np.float32)
     x[1, 5] = 40.0  # an outlier: its group's other activations get coarser steps
     residual = rng.standard_normal((rows, N)).astype(np.float32) if has_residual else None
-    got = _run(func.with_body(q4_gemm.multi_row_body(func, TARGET)), x, packed, residual)
-    _assert_int16_result(got, x, packed)
+    got = run_kernel(func.with_body(q4_gemm.multi_row_body(func, TARGET)), x, packed, residual)
+    assert_int16_result(got, x, packed)
 
 
 def _symbolic_rows_func() -> tvm.tirx.PrimFunc:
@@ -105,7 +67,7 @@ def _symbolic_rows_func() -> tvm.tirx.PrimFunc:
 def test_row_counts_between_9_and_64_take_the_int16_kernel_others_the_float_ones() -> None:
     func = schedule._schedule_matmul(_symbolic_rows_func(), 8, TARGET)
     rng = np.random.default_rng(0)
-    packed = _packed(True, rng)
+    packed = packed_weight(True, rng, K)
     run = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
     device = tvm.cpu()
     weights = [tvm.runtime.tensor(a, device) for a in (packed.weight, packed.scale, packed.minimum)]
@@ -115,7 +77,7 @@ def test_row_counts_between_9_and_64_take_the_int16_kernel_others_the_float_ones
         run["main"](tvm.runtime.tensor(x[:, None, :], device), *weights, out)
         got = out.numpy()[:, 0, :]
         if 8 < rows <= q4_gemm.MAX_ROWS:
-            _assert_int16_result(got, x, packed)
+            assert_int16_result(got, x, packed)
         else:
             exact = x.astype(np.float64) @ dequantize(packed).T.astype(np.float64)
             assert np.abs(got - exact).max() < 1e-5 * np.abs(exact).max(), rows

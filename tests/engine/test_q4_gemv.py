@@ -66,6 +66,43 @@ def _int16_reference(x: np.ndarray, packed: PackedQ4) -> np.ndarray:
     return rounded.reshape(x.shape) @ scaled_codes.T + x.astype(np.float64) @ offsets.T
 
 
+def packed_weight(has_minimum: bool, rng: np.random.Generator, k: int) -> PackedQ4:
+    """A random [N, k] matrix, packed to 4 bits (asymmetric, or symmetric)."""
+    float_weight = rng.standard_normal((N, k)).astype(np.float32)
+    if has_minimum:
+        codes, scale, minimum = quantize_asymmetric(float_weight)
+        return PackedQ4(pack_codes(codes), scale, minimum)
+    codes, scale = quantize_symmetric(float_weight)
+    return PackedQ4(pack_codes(codes), scale, None)
+
+
+def run_kernel(
+    func: tvm.tirx.PrimFunc, x: np.ndarray, packed: PackedQ4, residual: np.ndarray | None
+) -> np.ndarray:
+    """`func` compiled alone and run on rows x [rows, k]: x @ W.T, the residual taken off."""
+    run = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
+    operands = [x[:, None, :], packed.weight, packed.scale]
+    operands += [packed.minimum] if packed.minimum is not None else []
+    operands += [residual[:, None, :]] if residual is not None else []
+    device = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((len(x), 1, N), np.float32), device)
+    run["main"](*(tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in operands), out)
+    return out.numpy()[:, 0, :] - (residual if residual is not None else 0)
+
+
+def assert_int16_result(got: np.ndarray, x: np.ndarray, packed: PackedQ4) -> None:
+    """`got` is x @ W.T with each row rounded to int16 per group, and only that."""
+    weight = dequantize(packed).astype(np.float64)
+    exact = x.astype(np.float64) @ weight.T
+    scale = np.abs(exact).max()
+    assert np.abs(got - _int16_reference(x, packed)).max() < 1e-5 * scale
+    # Each activation is off by at most half a step (1/65534 of its group's largest).
+    largest = np.repeat(np.abs(x.reshape(len(x), -1, GROUP_SIZE)).max(axis=2), GROUP_SIZE, axis=1)
+    bound = (largest / 65534) @ np.abs(weight).T + 1e-5 * scale
+    assert np.all(np.abs(got - exact) <= bound)
+    assert np.abs(got - exact).max() > 1e-7 * scale  # the rounding is really there
+
+
 @pytest.mark.parametrize(
     ("has_minimum", "has_residual", "k_size"),
     # 1536: long columns, worked on one at a time (TILE_SPAN_BYTES).
@@ -76,41 +113,13 @@ def test_kernel_rounds_activations_to_int16_and_nothing_else(
 ) -> None:
     func = _matmul_func(has_minimum, has_residual, k_size=k_size)
     assert q4_gemv.applies(func, TARGET)
-    kernel = q4_gemv.single_row_q4_matmul(func, TARGET).with_attr("global_symbol", "main")
-    run = tvm.compile(tvm.IRModule({"main": kernel}), TARGET)["main"]
-
     rng = np.random.default_rng(7)
-    float_weight = rng.standard_normal((N, k_size)).astype(np.float32)
-    if has_minimum:
-        packed = PackedQ4(*_pack(*quantize_asymmetric(float_weight)))
-    else:
-        codes, scale = quantize_symmetric(float_weight)
-        packed = PackedQ4(pack_codes(codes), scale, None)
-    weight = dequantize(packed)
-    x = rng.standard_normal(k_size).astype(np.float32)
-    x[5] = 40.0  # an outlier: its group's other activations get coarser steps
-    residual = rng.standard_normal(N).astype(np.float32)
-
-    operands = [x.reshape(1, 1, k_size), packed.weight, packed.scale]
-    operands += [packed.minimum] if has_minimum else []
-    operands += [residual.reshape(1, 1, N)] if has_residual else []
-    device = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros((1, 1, N), np.float32), device)
-    run(*(tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in operands), out)
-    got = out.numpy().reshape(N) - (residual if has_residual else 0)
-
-    exact = weight.astype(np.float64) @ x.astype(np.float64)
-    scale = np.abs(exact).max()
-    assert np.abs(got - _int16_reference(x[None], packed)[0]).max() < 1e-5 * scale
-    # Each activation is off by at most half a step (1/65534 of its group's largest).
-    largest = np.repeat(np.abs(x.reshape(-1, GROUP_SIZE)).max(axis=1), GROUP_SIZE)
-    bound = np.abs(weight) @ (largest / 65534) + 1e-5 * scale
-    assert np.all(np.abs(got - exact) <= bound)
-    assert np.abs(got - exact).max() > 1e-7 * scale  # the rounding is really there
-
-
-def _pack(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray) -> tuple[np.ndarray, ...]:
-    return pack_codes(codes), scale, minimum
+    packed = packed_weight(has_minimum, rng, k_size)
+    x = rng.standard_normal((1, k_size)).astype(np.float32)
+    x[0, 5] = 40.0  # an outlier: its group's other activations get coarser steps
+    residual = rng.standard_normal((1, N)).astype(np.float32) if has_residual else None
+    got = run_kernel(q4_gemv.single_row_q4_matmul(func, TARGET), x, packed, residual)
+    assert_int16_result(got, x, packed)
 
 
 def test_other_matmuls_keep_the_float_schedule() -> None:
