@@ -27,7 +27,6 @@ from mlc_engine.engine.schedule import schedule_cpu_kernels
 _CODEGEN_SOURCES = (
     "compiler.py",
     "schedule.py",
-    "q4_gemv.py",
     "q4_gemm.py",
     "quantization.py",
     "model/*.py",
@@ -99,15 +98,19 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 METADATA_FUNCTION = "_metadata"
 
 
-def library_metadata(config: ModelConfig) -> dict[str, Any]:
-    """What a library records about the model it was built for, to check it against later."""
-    return {"architecture": config.architecture_key()}
+def library_metadata(model: LlamaForCausalLM) -> dict[str, Any]:
+    """What a library records: the model it was built for, to check it against later, and the
+    layout it wants 4-bit weights in (`quantization.to_storage_layout`)."""
+    return {
+        "architecture": model.config.architecture_key(),
+        "column_block": model.quant.column_block,
+    }
 
 
-def _with_metadata(mod: tvm.IRModule, config: ModelConfig) -> tvm.IRModule:
+def _with_metadata(mod: tvm.IRModule, model: LlamaForCausalLM) -> tvm.IRModule:
     builder = relax.BlockBuilder()
     with builder.function(METADATA_FUNCTION, []):
-        builder.emit_func_output(tvm.ir.StringImm(json.dumps(library_metadata(config))))
+        builder.emit_func_output(tvm.ir.StringImm(json.dumps(library_metadata(model))))
     mod[METADATA_FUNCTION] = builder.get()[METADATA_FUNCTION]
     return mod
 
@@ -123,7 +126,7 @@ def compile_model(
     progress("exporting the model graph")
     model = LlamaForCausalLM(config, target)
     mod, _ = model.export_tvm(spec=model.get_default_spec())
-    mod = _with_metadata(mod, config)
+    mod = _with_metadata(mod, model)
     progress("optimizing and scheduling kernels")
     with target:
         mod = _pipeline(target)(mod)

@@ -1,73 +1,151 @@
-"""4-bit matmul over 9 to 64 rows on x86 AVX2, with the activations rounded to int16 per group.
+"""4-bit float32 matmuls on x86 AVX2, with the activations rounded to int8.
 
-Used for batched decode steps and short prefill chunks (`schedule.py` picks it by row count).
-The float schedule runs rows through FMAs, 8 products each. Here the 32 activations of each
-row's quantization group are rounded to int16, as in `q4_gemv.py` (within 1/65534 of the group's
-largest), and meet the codes in `vpmaddwd`, 16 products each, with columns in the SIMD lanes:
+Every 4-bit float32 matmul of a library for AVX2 runs here (`schedule.py`): decode steps, alone
+or batched, and prefill chunks. The float schedules turn every 4-bit code into a float and multiply it in, 8 products
+per FMA. Here each row's 32 activations of a quantization group are rounded to int8 against the
+group's largest magnitude, as llama.cpp does on CPUs (within 1/254 of it), and meet the codes in
+`vpmaddubsw`, 32 products (unsigned codes by signed activations) each:
 
-    dot[r, n] += pmaddwd(codes of 8 columns at k and k', broadcast(xq[r, k], xq[r, k']))
+    out[r, n] = sum_g sx[r, g] * (scale[n, g] * dot[r, n, g] + offset[n, g] * sum_{k in g} xq[r, k])
 
-Each int32 lane of a code register holds one column's codes for a pair of k, the low half for k
-and the high half for k'. A packed word holds 8 consecutive codes of one column (nibble j is
-k = 8w + j); shifting it right by 4j and masking with 0x000F000F leaves nibble j in the low half
-and nibble j + 4 in the high one, so the pairs are (8w + j, 8w + j + 4), and the int16
-activations are stored in that order: x[0], x[4], x[1], x[5], x[2], x[6], x[3], x[7] per word.
+with `x[r, k] ~= sx[r, g] * xq[r, k]`, `dot` the integer sum of code * xq over the group, and
+`offset` the group's minimum (or -8 * scale for symmetric codes): exactly the matmul of the
+rounded rows. On SmolLM2 this moved
+perplexity by 0.1% (q4f32_m) and 0.4% (q4f32_1) in a NumPy run, where the 4-bit weights
+themselves cost 7% and 58% (benchmarks/README.md).
 
-A column's codes lie in a row of the packed matrix, so each task first transposes the words of
-its 16 columns into a small buffer (a word of each of 8 columns per SIMD load), with their scales
-and minimums, and then runs every row over it: tiles of 6 rows by 8 columns, whose int32 sums
-are turned to float and scaled once per group:
+Columns sit in the SIMD lanes, and the weights come in blocks of 16 columns, word-major (the
+library asks the runtime for `quantization.COLUMN_BLOCK` blocks), so a load gives one packed
+word of each of 8 columns: 8 consecutive codes of a column, code j in nibble j. Masked with
+0x0F0F0F0F it leaves codes 0, 2, 4, 6 in its bytes; shifted right by 4 first, codes 1, 3, 5,
+7. Each meets a broadcast of the row's 4 matching int8 activations (stored in that order,
+evens then odds, per word), and `vpmaddubsw` leaves two int16 sums of two products per column.
+A group's 16 such sums per int16 lane stay within 4 * 2 * 15 * 127 < 2^15, so they are added as
+int16 and widened (`vpmaddwd` by ones) once per group, then scaled in float.
 
-    out[r, n] = sum_g scale[n, g] * sx[r, g] * dot[r, n, g] + minimum[n, g] * sum_{k in g} x[r, k]
-
-Measured on SmolLM2's shapes (Zen 3, one thread), it does 1.1-1.25x the float schedule's work
-per second from 12 to 64 rows; beyond 64 rows the float one is as fast, and up to 8 the float
-matrix-vector schedule is faster. The transposition, paid once per call, is about a tenth of the
-time at 16 rows.
+Rows go through in tiles of 4 (their int16 sums and float accumulators, one register each, with
+the codes and a broadcast, fill the 16 AVX2 registers; 6 rows spilled), then tiles of 2 and 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import tvm
-from tvm import tirx
+from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from mlc_engine.engine import q4_gemv
-from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
+from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
+from mlc_engine.engine.quantization import (
+    CODES_PER_WORD,
+    COLUMN_BLOCK,
+    GROUP_SIZE,
+    Quantization,
+)
 
-# Rows per register tile: their int32 sums and float accumulators, one register each, with the
-# code word, its pair and a broadcast pair, fill the 16 AVX2 registers. (6 rows ran 4% faster
-# than 4. Two column registers per tile, or the group's words unrolled, spilled registers.)
-ROW_TILE = 6
-# Row counts up to this go to this kernel (above the float matrix-vector schedule's 8); beyond
-# it the float matrix-matrix schedule is as fast.
-MAX_ROWS = 64
-LANES = 8
-# Columns per parallel task: two SIMD registers of them.
-COLUMNS_PER_TASK = 2 * LANES
+LARGEST_CODE = 127  # int8 activations
+ROW_TILE = 4
+LANES = 8  # int32 / float32 lanes of an AVX2 register
 WORDS_PER_GROUP = GROUP_SIZE // CODES_PER_WORD
-HALF_WORD = CODES_PER_WORD // 2
-# The pair order within a word, as positions in x: (j, j + 4) for j = 0..3.
-PAIR_ORDER = [i // 2 + (i % 2) * HALF_WORD for i in range(CODES_PER_WORD)]
+# The order of a word's activations: its even codes (low nibbles of its bytes), then its odd.
+WORD_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+RESIDUAL_BLOCK = "T_add"
+
+
+def column_block(quant: Quantization, target: tvm.target.Target) -> int:
+    """The 4-bit layout a library for `target` asks for: blocks of COLUMN_BLOCK columns where
+    this kernel runs (float32 4-bit matmuls on AVX2), else 0 (row by row)."""
+    from tvm.target import codegen
+
+    if not quant.quantized or quant.dtype != "float32" or target.kind.name != "llvm":
+        return 0
+    return COLUMN_BLOCK if codegen.llvm_cpu_has_features(["avx2"], target) else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Q4Operands:
+    """The shape of a 4-bit float32 matmul this kernel can stand in for."""
+
+    rows: tirx.PrimExpr  # rows of x (a constant, or symbolic)
+    k: int
+    n: int
+    has_minimum: bool
+    has_residual: bool
+
+
+def q4_operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Q4Operands | None:
+    """What the kernel needs to know of `func`, when it is a matmul of float32 rows by a 4-bit
+    matrix in blocks of COLUMN_BLOCK columns (of constant shape), optionally plus a residual,
+    on AVX2; else None."""
+    from tvm.target import codegen
+
+    if not codegen.llvm_cpu_has_features(["avx2"], target):
+        return None
+    sch = s_tir.Schedule(func)
+    try:
+        matmul = sch.get(sch.get_sblock(MATMUL_BLOCK))
+        dequantize = sch.get(sch.get_sblock(DEQUANTIZE_BLOCK))
+    except s_tir.schedule.ScheduleError:
+        return None
+    blocks = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if blocks - {"root", MATMUL_BLOCK, DEQUANTIZE_BLOCK, RESIDUAL_BLOCK}:
+        return None
+    has_residual = RESIDUAL_BLOCK in blocks
+    weights = [region.source for region in dequantize.reads]
+    x = next(r.source for r in matmul.reads if r.source.name != dequantize.writes[0].source.name)
+    params = list(func.params)
+    packed = next((b for b in weights if b.dtype == "uint32"), None)
+    expected = len(weights) + 2 + has_residual
+    if packed is None or len(params) != expected or not params[0].same_as(x):
+        return None
+    if any(str(p.dtype) != "float32" for p in params if not p.same_as(packed)):
+        return None
+    if not all(isinstance(d, tirx.IntImm) for p in weights for d in p.shape):
+        return None
+    if len(packed.shape) != 3 or int(packed.shape[2]) != COLUMN_BLOCK:
+        return None
+    blocks_of_columns, words, _ = (int(d) for d in packed.shape)
+    # The kernel declares x, codes, scale, [minimum], [residual], out: the weights in the order
+    # `Q4Weight.tensors()` passes them.
+    operands = params[1 : 1 + len(weights)]
+    if not operands[0].same_as(packed) or {p.name for p in operands} != {b.name for b in weights}:
+        return None
+    rows: tirx.PrimExpr = tirx.IntImm("int64", 1)
+    for d in x.shape[:-1]:
+        rows = rows * d.astype("int64")
+    rows = tvm.sym.Analyzer().simplify(rows)
+    n, k = blocks_of_columns * COLUMN_BLOCK, words * CODES_PER_WORD
+    return Q4Operands(rows, k, n, len(weights) == 3, has_residual)
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
     """Whether `func` is a 4-bit float32 matmul (plus residual) this kernel serves."""
-    operands = q4_gemv.q4_operands(func, target)
-    return (
-        operands is not None
-        and operands.n % COLUMNS_PER_TASK == 0
-        and operands.k % (LANES * CODES_PER_WORD) == 0  # whole 8 x 8 blocks of words
-    )
+    return q4_operands(func, target) is not None
 
 
-def multi_row_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
+def tree(
+    combine: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], terms: list[tirx.PrimExpr]
+) -> tirx.PrimExpr:
+    """The terms combined pairwise, as a balanced tree."""
+    while len(terms) > 1:
+        terms = [combine(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def largest_at(x: tirx.Buffer, start: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The largest magnitude in the group of x that begins at `start`."""
+    return tree(tirx.max, [tirx.abs(x[start + j]) for j in range(GROUP_SIZE)])
+
+
+def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
     """The kernel's body over `func`'s own parameters, for any number of rows."""
-    operands = q4_gemv.q4_operands(func, target)
-    assert operands is not None and applies(func, target), "check applies() first"
+    operands = q4_operands(func, target)
+    assert operands is not None, "check applies() first"
     rows, k, n = operands.rows, operands.k, operands.n
     has_minimum, has_residual = operands.has_minimum, operands.has_residual
     pmaddwd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
+    pmaddubsw = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
     params = list(func.params)
     x_param, codes_param, scale_param = params[:3]
     minimum_param = params[3] if has_minimum else scale_param
@@ -76,62 +154,88 @@ def multi_row_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
     groups = k // GROUP_SIZE
     words = k // CODES_PER_WORD
     m = rows.astype("int32")
-    columns = COLUMNS_PER_TASK
-    registers = columns // LANES
+    registers = COLUMN_BLOCK // LANES
 
-    def pair_products(codes_t, xq32, g, w, c, j, row):
-        """pmaddwd of one word's pair j for 8 columns with row's matching int16 pair."""
-        word_vector = codes_t[T.ramp((g * WORDS_PER_GROUP + w) * columns + c * LANES, 1, LANES)]
-        pair_codes = T.bitwise_and(
-            T.shift_right(word_vector, T.Broadcast(T.uint32(4 * j), LANES)),
-            T.Broadcast(T.uint32(0x000F000F), LANES),
-        )
-        pair_x = T.Broadcast(xq32[(row * k + g * GROUP_SIZE + w * CODES_PER_WORD) // 2 + j], LANES)
+    def lanes(start: tirx.PrimExpr) -> tirx.PrimExpr:
+        return T.ramp(start, 1, LANES)
+
+    def quad_products(codes, xq32, block, g, w, c, odd, row):
+        """vpmaddubsw of one word's even (or odd) codes for 8 columns with the row's 4 matching
+        int8 activations: two int16 sums of two products per column."""
+        word = codes[lanes(((block * words + g * WORDS_PER_GROUP + w) * COLUMN_BLOCK + c * LANES))]
+        if odd:
+            word = T.shift_right(word, T.Broadcast(T.uint32(4), LANES))
+        nibbles = T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), LANES))
+        quad = xq32[(row * k + g * GROUP_SIZE + w * CODES_PER_WORD) // 4 + odd]
         return T.call_llvm_pure_intrin(
-            "int32x8",
-            pmaddwd,
-            T.reinterpret("int16x16", pair_codes),
-            T.reinterpret("int16x16", pair_x),
+            "int16x16",
+            pmaddubsw,
+            T.reinterpret("int8x32", nibbles),
+            T.reinterpret("int8x32", T.Broadcast(quad, LANES)),
         )
+
+    # In the kernel, names bound to expressions become variables stored in memory (allocated per
+    # task), so the expressions are built by these functions and written out in place.
+    def group_lanes(block, g, c):
+        """The 8 columns c of the block, in a per-group array (scale, minimum) at group g."""
+        return lanes((block * groups + g) * COLUMN_BLOCK + c * LANES)
+
+    def offsets(scale, minimum, block, g, c):
+        """The weight a code of 0 stands for, for the 8 columns (symmetric codes centre on 8)."""
+        if has_minimum:
+            return minimum[group_lanes(block, g, c)]
+        return scale[group_lanes(block, g, c)] * T.Broadcast(T.float32(-8), LANES)
+
+    def dot_lanes(r):
+        return T.ramp(r * 2 * LANES, 1, 2 * LANES)
+
+    def widened(dots, r):
+        """Row r's int16 sums, pairwise into int32: one sum per column."""
+        ones = T.Broadcast(T.int16(1), 2 * LANES)
+        return T.call_llvm_pure_intrin("int32x8", pmaddwd, dots[dot_lanes(r)], ones)
+
+    def out_lanes(block, c, row):
+        return lanes(row * n + block * COLUMN_BLOCK + c * LANES)
+
+    def group_start(r, g):
+        return r * k + g * GROUP_SIZE
 
     @T.macro
-    def row_tile(buffers, task, c, r0, tile):
-        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the task."""
-        codes_t, scales_t, offsets_t, xq32, x_scale, x_sum, out, residual = buffers
+    def row_tile(buffers, block, c, r0, tile):
+        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block."""
+        codes, scale, minimum, xq32, x_scale, x_sum, out, residual = buffers
         acc = T.alloc_buffer((tile * LANES,), "float32")
-        dots = T.alloc_buffer((tile * LANES,), "int32")
+        dots = T.alloc_buffer((tile * 2 * LANES,), "int16")
         for r in T.unroll(tile):
-            acc[T.ramp(r * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+            acc[lanes(r * LANES)] = T.Broadcast(T.float32(0), LANES)
         for g in range(groups):
             for r in T.unroll(tile):
-                dots[T.ramp(r * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+                dots[dot_lanes(r)] = T.Broadcast(T.int16(0), 2 * LANES)
             for w in range(WORDS_PER_GROUP):
-                for j in T.unroll(HALF_WORD):
-                    for r in T.unroll(tile):
-                        dots[T.ramp(r * LANES, 1, LANES)] = dots[
-                            T.ramp(r * LANES, 1, LANES)
-                        ] + pair_products(codes_t, xq32, g, w, c, j, r0 + r)
+                for r in T.unroll(tile):
+                    dots[dot_lanes(r)] = (
+                        dots[dot_lanes(r)]
+                        + quad_products(codes, xq32, block, g, w, c, 0, r0 + r)
+                        + quad_products(codes, xq32, block, g, w, c, 1, r0 + r)
+                    )
             for r in T.unroll(tile):
-                acc[T.ramp(r * LANES, 1, LANES)] = (
-                    acc[T.ramp(r * LANES, 1, LANES)]
-                    + T.Cast("float32x8", dots[T.ramp(r * LANES, 1, LANES)])
+                acc[lanes(r * LANES)] = (
+                    acc[lanes(r * LANES)]
+                    + T.Cast("float32x8", widened(dots, r))
                     * (
-                        scales_t[T.ramp(g * columns + c * LANES, 1, LANES)]
+                        scale[group_lanes(block, g, c)]
                         * T.Broadcast(x_scale[(r0 + r) * groups + g], LANES)
                     )
-                    + offsets_t[T.ramp(g * columns + c * LANES, 1, LANES)]
+                    + offsets(scale, minimum, block, g, c)
                     * T.Broadcast(x_sum[(r0 + r) * groups + g], LANES)
                 )
         for r in T.unroll(tile):
             if has_residual:
-                out[T.ramp((r0 + r) * n + task * columns + c * LANES, 1, LANES)] = (
-                    residual[T.ramp((r0 + r) * n + task * columns + c * LANES, 1, LANES)]
-                    + acc[T.ramp(r * LANES, 1, LANES)]
+                out[out_lanes(block, c, r0 + r)] = (
+                    residual[out_lanes(block, c, r0 + r)] + acc[lanes(r * LANES)]
                 )
             else:
-                out[T.ramp((r0 + r) * n + task * columns + c * LANES, 1, LANES)] = acc[
-                    T.ramp(r * LANES, 1, LANES)
-                ]
+                out[out_lanes(block, c, r0 + r)] = acc[lanes(r * LANES)]
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel():
@@ -141,66 +245,48 @@ def multi_row_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
         minimum = T.decl_buffer((n * groups,), "float32", data=minimum_param.data)
         out = T.decl_buffer((m * n,), "float32", data=out_param.data)
         residual = T.decl_buffer((m * n,), "float32", data=residual_param.data)
-        xq = T.alloc_buffer((m * k,), "int16")
-        xq32 = T.decl_buffer((m * k // 2,), "int32", data=xq.data)
+        xq = T.alloc_buffer((m * k,), "int8")
+        xq32 = T.decl_buffer((m * k // 4,), "int32", data=xq.data)
         x_scale = T.alloc_buffer((m * groups,), "float32")
         x_sum = T.alloc_buffer((m * groups,), "float32")
+        x_inverse = T.alloc_buffer((1,), "float32")
         for r, g in T.grid(m, groups):
-            base = r * k + g * GROUP_SIZE
-            x_sum[r * groups + g] = q4_gemv.tree(T.Add, [x[base + i] for i in range(GROUP_SIZE)])
-            x_scale[r * groups + g] = q4_gemv.largest_at(x, base) / T.float32(q4_gemv.INT16_MAX)
+            x_scale[r * groups + g] = largest_at(x, group_start(r, g)) / T.float32(LARGEST_CODE)
+            x_inverse[0] = T.if_then_else(  # 0 for a group of zeros
+                x_scale[r * groups + g] > 0,
+                T.float32(LARGEST_CODE) / largest_at(x, group_start(r, g)),
+                0.0,
+            )
             for w in range(WORDS_PER_GROUP):
-                xq[T.ramp(base + w * CODES_PER_WORD, 1, CODES_PER_WORD)] = T.Cast(
-                    "int16x8",
+                xq[T.ramp(group_start(r, g) + w * CODES_PER_WORD, 1, CODES_PER_WORD)] = T.Cast(
+                    "int8x8",
                     T.round(
                         T.Shuffle(
-                            [x[T.ramp(base + w * CODES_PER_WORD, 1, CODES_PER_WORD)]], PAIR_ORDER
+                            [x[T.ramp(group_start(r, g) + w * CODES_PER_WORD, 1, CODES_PER_WORD)]],
+                            WORD_ORDER,
                         )
-                        * T.Broadcast(
-                            T.if_then_else(
-                                x_scale[r * groups + g] > 0,
-                                T.float32(q4_gemv.INT16_MAX) / q4_gemv.largest_at(x, base),
-                                0.0,
-                            ),
-                            CODES_PER_WORD,
-                        )
+                        * T.Broadcast(x_inverse[0], CODES_PER_WORD)
                     ),
                 )
-        for task in T.parallel(n // columns):
-            codes_t = T.alloc_buffer((words * columns,), "uint32")
-            scales_t = T.alloc_buffer((groups * columns,), "float32")
-            offsets_t = T.alloc_buffer((groups * columns,), "float32")
-            # 8 words of 8 columns at a time: eight loads, one shuffle per transposed vector.
-            for wb, cb in T.grid(words // LANES, registers):
-                for w in T.unroll(LANES):
-                    codes_t[T.ramp((wb * LANES + w) * columns + cb * LANES, 1, LANES)] = T.Shuffle(
-                        [
-                            codes[
-                                T.ramp(
-                                    (task * columns + cb * LANES + c) * words + wb * LANES, 1, LANES
-                                )
-                            ]
-                            for c in range(LANES)
-                        ],
-                        [c * LANES + w for c in range(LANES)],
-                    )
-            for c, g in T.grid(columns, groups):
-                scales_t[g * columns + c] = scale[(task * columns + c) * groups + g]
-                offsets_t[g * columns + c] = (
-                    minimum[(task * columns + c) * groups + g]
-                    if has_minimum
-                    else T.float32(-8) * scale[(task * columns + c) * groups + g]
-                )
-            buffers = (codes_t, scales_t, offsets_t, xq32, x_scale, x_sum, out, residual)
+            # The sum of the rounded activations, so that the result is exactly that of the
+            # rounded row (as llama.cpp's); the sum of x itself would leave the codes' offset
+            # out of the rounding error, which grows it (codes are all positive).
+            x_sum[r * groups + g] = x_scale[r * groups + g] * T.Cast(
+                "float32",
+                tree(
+                    T.Add,
+                    [T.Cast("int32", xq[group_start(r, g) + i]) for i in range(GROUP_SIZE)],
+                ),
+            )
+        for block in T.parallel(n // COLUMN_BLOCK):
+            buffers = (codes, scale, minimum, xq32, x_scale, x_sum, out, residual)
             for c in range(registers):
                 for t in range(m // ROW_TILE):
-                    row_tile(buffers, task, c, t * ROW_TILE, ROW_TILE)
-                # The last m % ROW_TILE rows, as tiles of 4, 2 and 1 (sizes known when compiled).
-                if ROW_TILE > 4 and m % ROW_TILE >= 4:
-                    row_tile(buffers, task, c, m // ROW_TILE * ROW_TILE, 4)
-                if ROW_TILE > 2 and m % ROW_TILE % 4 >= 2:
-                    row_tile(buffers, task, c, m - m % 2 - 2, 2)
+                    row_tile(buffers, block, c, t * ROW_TILE, ROW_TILE)
+                # The last m % ROW_TILE rows, as tiles of 2 and 1 (sizes known when compiled).
+                if m % ROW_TILE >= 2:
+                    row_tile(buffers, block, c, m // ROW_TILE * ROW_TILE, 2)
                 if m % 2 == 1:
-                    row_tile(buffers, task, c, m - 1, 1)
+                    row_tile(buffers, block, c, m - 1, 1)
 
     return kernel.body

@@ -9,6 +9,12 @@ Names follow MLC: `q{bits}f{compute float bits}_{variant}`.
   `w = scale * code + minimum`, which is GGUF's Q4_1 block, carried over as it is.
 
 Codes are packed eight to a uint32, element `k` of a row in bits `4 * (k % 8)` of word `k // 8`.
+
+Model folders store 4-bit matrices row by row ([rows, words], [rows, groups]). A library may
+want them in blocks of COLUMN_BLOCK rows instead, each block word-major ([rows / 16, words, 16]:
+the same word of 16 rows side by side), which is how the CPU's integer kernel (`q4_gemm.py`)
+reads them into SIMD lanes. The library records which it wants (`Quantization.column_block`),
+and the runtime repacks the stored arrays when it loads them (`to_storage_layout`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ class Quantization:
     bits: int  # 0 means unquantized
     dtype: str  # activation / compute dtype: "float32" or "float16"
     has_minimum: bool = False
+    # 4-bit arrays in blocks of this many rows (COLUMN_BLOCK), or row by row (0). A choice of
+    # the library, not of the model folder.
+    column_block: int = 0
 
     @property
     def quantized(self) -> bool:
@@ -46,6 +55,29 @@ QUANTIZATIONS = {
         Quantization("q4f16_m", 4, "float16", has_minimum=True),
     )
 }
+
+
+# Rows of a 4-bit matrix (output columns of its matmul) per block, where a library blocks them.
+COLUMN_BLOCK = 16
+
+
+def blocked_shape(shape: tuple[int, int], column_block: int) -> tuple[int, ...]:
+    """The shape a [rows, width] 4-bit array is kept in: blocks of `column_block` rows where
+    the rows divide into them, else as it is."""
+    rows, width = shape
+    if column_block and rows % column_block == 0:
+        return (rows // column_block, width, column_block)
+    return (rows, width)
+
+
+def to_storage_layout(array: np.ndarray, column_block: int) -> np.ndarray:
+    """A [rows, width] 4-bit array (codes, scales or minimums) as a library with this
+    `column_block` reads it (see `blocked_shape`)."""
+    shape = blocked_shape(array.shape, column_block)
+    if len(shape) == 2:
+        return array
+    blocks, width, block = shape
+    return np.ascontiguousarray(array.reshape(blocks, block, width).transpose(0, 2, 1))
 
 
 def get_quantization(name: str) -> Quantization:

@@ -19,9 +19,10 @@ from tvm.runtime import ShapeTuple
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.errors import ModelLibraryError
-from mlc_engine.engine.compiler import METADATA_FUNCTION, library_metadata
+from mlc_engine.engine.compiler import METADATA_FUNCTION
 from mlc_engine.engine.model.attention import PAGE_SIZE
 from mlc_engine.engine.model.llama import LlamaForCausalLM
+from mlc_engine.engine.quantization import to_storage_layout
 
 PARAMS_FILE = "params.safetensors"
 
@@ -96,38 +97,45 @@ class ModelRuntime:
         self.device = device
         executable = tvm.runtime.load_module(str(lib_path))
         self.vm = relax.VirtualMachine(executable, device)
-        self._check_library(lib_path, model_folder)
+        column_block = self._check_library(lib_path, model_folder)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
         try:
             self._decode_one = self.vm["decode_one"]
         except AttributeError:  # a --lib-path library built before decode_one existed
             self._decode_one = self._decode
-        self.params = self._load_params(model_folder)
+        self.params = self._load_params(model_folder, column_block)
 
-    def _check_library(self, lib_path: Path, model_folder: Path) -> None:
+    def _check_library(self, lib_path: Path, model_folder: Path) -> int:
+        """Refuse a library built for another model; returns the 4-bit layout it wants."""
         built_for = json.loads(str(self.vm[METADATA_FUNCTION]()))
-        expected = library_metadata(self.config)
-        if built_for != expected:
+        expected = self.config.architecture_key()
+        if built_for["architecture"] != expected:
             mismatched = sorted(
-                key
-                for key in expected["architecture"]
-                if built_for["architecture"].get(key) != expected["architecture"][key]
+                key for key in expected if built_for["architecture"].get(key) != expected[key]
             )
             raise ModelLibraryError(
                 f"model library {lib_path} was built for another model than {model_folder} "
                 f"(they differ in {', '.join(mismatched)}); drop --lib-path to compile a "
                 "matching one"
             )
+        return built_for.get("column_block", 0)  # libraries from before blocks: rows
 
-    def _load_params(self, model_folder: Path) -> list[tvm.runtime.Tensor]:
+    def _load_params(self, model_folder: Path, column_block: int) -> list[tvm.runtime.Tensor]:
+        """The folder's weights in the definition's order, 4-bit arrays in the library's layout."""
         # Parameter order is the model definition's; building the module (not compiling) gives it.
         names = [name for name, _ in LlamaForCausalLM(self.config, None).named_parameters()]
         stored = load_file(str(model_folder / PARAMS_FILE))
         missing = [name for name in names if name not in stored]
         if missing:
             raise ValueError(f"{model_folder / PARAMS_FILE} lacks parameters: {missing[:5]}")
-        return [tvm.runtime.tensor(stored[name], self.device) for name in names]
+
+        def laid_out(name: str) -> np.ndarray:
+            if ".q4." not in name:
+                return stored[name]
+            return to_storage_layout(stored[name], column_block)
+
+        return [tvm.runtime.tensor(laid_out(name), self.device) for name in names]
 
     def create_kv_cache(
         self,

@@ -1,18 +1,19 @@
 """CPU schedules for the compiled kernels, chosen by the kernel's structure, not by layer name.
 
-Matmuls (`NT_matmul` fed by a `dequantize` block, see `model/layers.py`) get several schedules in
-one kernel, picked at run time by the number of rows (tokens) it multiplies:
-- up to 8 rows (decode): matrix-vector schedules. The dequantization is inlined; output columns
-  run in parallel tasks, and each step along k decodes a quantization group of weights (a few
-  SIMD vectors, sharing one scale and minimum) per column and multiplies it into a register tile
-  of partial sums (rows x columns, one register each). The rows are padded to the tile (1, 4
-  or 8), so that every decoded weight serves all of them.
-- 9 to 64 rows of a 4-bit float32 matmul on AVX2 (batched decode, short prefill chunks): the
-  int16-activation kernel of `q4_gemm.py`.
-- more rows (prefill, large batches): each parallel task dequantizes a tile of columns once, into
-  a transposed local buffer (columns in SIMD lanes), then runs a 6-row x 16-column register tile
-  of accumulators over it, so that the 4-bit decoding is paid once per weight rather than once
-  per row and each weight vector loaded feeds six FMAs.
+Matmuls (`NT_matmul` fed by a `dequantize` block, see `model/layers.py`):
+- 4-bit float32 ones on AVX2 run the int8-activation kernel of `q4_gemm.py`, whatever their row
+  count, on weights in blocks of 16 columns.
+- the others (float weights, float16, no AVX2) get several schedules in one kernel, picked at
+  run time by the number of rows (tokens) they multiply:
+  - up to 8 rows (decode): matrix-vector schedules. The dequantization is inlined; output
+    columns run in parallel tasks, and each step along k decodes a quantization group of weights
+    (a few SIMD vectors, sharing one scale and minimum) per column and multiplies it into a
+    register tile of partial sums (rows x columns, one register each). The rows are padded to
+    the tile (1, 4 or 8), so that every decoded weight serves all of them.
+  - more rows (prefill, large batches): each parallel task dequantizes a tile of columns once,
+    into a transposed local buffer (columns in SIMD lanes), then runs a 6-row x 16-column
+    register tile of accumulators over it, so that the 4-bit decoding is paid once per weight
+    rather than once per row and each weight vector loaded feeds six FMAs.
 
 Row padding goes through `pad_einsum`: x is copied into a zero-padded buffer and the result is
 copied out, which costs little beside the matmul and keeps predicates out of the inner loops
@@ -24,7 +25,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from mlc_engine.engine import q4_gemm, q4_gemv
+from mlc_engine.engine import q4_gemm
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
 
@@ -139,7 +140,11 @@ def _vectorize_dequantize(sch: s_tir.Schedule, weight: s_tir.schedule.SBlockRV, 
     # The words, scales (and minimums) of a vector of columns, gathered once into registers:
     # left in memory, they were gathered again for every code, the tile's stores possibly
     # aliasing them for LLVM.
-    for index in range(len(sch.get(weight).reads)):
+    for index, region in enumerate(sch.get(weight).reads):
+        if len(region.source.shape) == 3:
+            # Blocks of columns (quantization.py): a vector of columns is already contiguous,
+            # and TVM cannot narrow a cache of it to one (it caches the whole array).
+            continue
         cached = sch.cache_read(weight, index, REGISTER_SCOPE)
         sch.compute_at(cached, column_outer)
         sch.vectorize(sch.get_loops(cached)[-1])
@@ -185,13 +190,13 @@ def _row_count(func: tirx.PrimFunc) -> tirx.PrimExpr:
 
 def _schedule_matmul(func: tirx.PrimFunc, lanes: int, target: tvm.target.Target) -> tirx.PrimFunc:
     """One kernel holding a schedule per range of row counts, picked at run time."""
+    if q4_gemm.applies(func, target):
+        return func.with_body(q4_gemm.q4_matmul_body(func, target))
     variants: list[tuple[int | None, tirx.Stmt]] = []
     for row_tile in GEMV_ROW_TILES:
         sch = s_tir.Schedule(func)
         _schedule_gemv(sch, lanes, row_tile)
         variants.append((row_tile, sch.mod["main"].body))
-    if q4_gemm.applies(func, target):
-        variants.append((q4_gemm.MAX_ROWS, q4_gemm.multi_row_body(func, target)))
     sch = s_tir.Schedule(func)
     _schedule_gemm(sch, lanes)
     variants.append((None, sch.mod["main"].body))
@@ -319,9 +324,7 @@ def schedule_cpu_kernels(target: tvm.target.Target) -> tvm.transform.Pass:
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
                 continue
-            if q4_gemv.applies(func, target):
-                mod[gvar] = q4_gemv.single_row_q4_matmul(func, target)
-            elif _has_matmul(func):
+            if _has_matmul(func):
                 mod[gvar] = _schedule_matmul(func, lanes, target)
             else:
                 mod[gvar] = _schedule_elementwise(func, lanes)

@@ -6,6 +6,8 @@ compiled model can be checked against it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from mlc_engine.common.config import ModelConfig
@@ -44,8 +46,14 @@ def _rope(
     return (x * cos + rotated * sin).astype(np.float32)
 
 
-def forward(weights: dict[str, np.ndarray], config: ModelConfig, tokens: list[int]) -> np.ndarray:
-    """Logits [len(tokens), vocab] after each token of one sequence."""
+def forward(
+    weights: dict[str, np.ndarray],
+    config: ModelConfig,
+    tokens: list[int],
+    rounded: Callable[[np.ndarray], np.ndarray] = lambda x: x,
+) -> np.ndarray:
+    """Logits [len(tokens), vocab] after each token of one sequence. `rounded` is applied to the
+    activations that go into each weight matmul (as a kernel that rounds them would)."""
     c = config
     w = weights
     positions = np.arange(len(tokens))
@@ -54,7 +62,7 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, tokens: list[in
     causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
-        h = _rms_norm(x, w[f"{p}.input_layernorm.weight"], c.rms_norm_eps)
+        h = rounded(_rms_norm(x, w[f"{p}.input_layernorm.weight"], c.rms_norm_eps))
         proj = {}
         for name in "qkv":
             out = h @ w[f"{p}.self_attn.{name}_proj.weight"].T
@@ -70,11 +78,11 @@ def forward(weights: dict[str, np.ndarray], config: ModelConfig, tokens: list[in
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
         attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n, hq * d)
-        x = x + attn @ w[f"{p}.self_attn.o_proj.weight"].T
-        h = _rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps)
+        x = x + rounded(attn) @ w[f"{p}.self_attn.o_proj.weight"].T
+        h = rounded(_rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps))
         gate = h @ w[f"{p}.mlp.gate_proj.weight"].T
         up = h @ w[f"{p}.mlp.up_proj.weight"].T
-        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+        x = x + rounded(gate / (1.0 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
     x = _rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
     head = w["model.embed_tokens.weight"] if c.tie_word_embeddings else w["lm_head.weight"]
-    return x @ head.T
+    return rounded(x) @ head.T

@@ -10,6 +10,7 @@ import pytest
 import reference
 import tvm
 from conftest import CPU
+from test_q4_gemm import int8_rounded
 from safetensors.numpy import load_file
 
 from mlc_engine.common.config import ModelConfig
@@ -17,22 +18,19 @@ from mlc_engine.common.errors import ModelLibraryError
 from mlc_engine.engine import q4_gemm
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.models import prepare_library
-from mlc_engine.engine.quantization import PackedQ4, dequantize
+from mlc_engine.common.device import Device, tvm_target
+from mlc_engine.engine.quantization import PackedQ4, dequantize, get_quantization
 from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime
-from mlc_engine.engine.schedule import GEMV_ROW_TILES
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 8]]
-# On AVX2, 4-bit float32 matmuls round their activations to int16 in a decode of one sequence
-# (`q4_gemv.py`) and over 9 to 64 rows (`q4_gemm.py`): logits stay within this fraction of the
-# largest one.
-INT16_TOLERANCE = 2e-3
 
 
-def _prefill_tolerance(tokens: int, tolerance: float, int16: bool) -> float:
-    """The tolerance for a prefill of `tokens` rows (int16 kernels or not)."""
-    if int16 and GEMV_ROW_TILES[-1] < tokens <= q4_gemm.MAX_ROWS:
-        return max(tolerance, INT16_TOLERANCE)
-    return tolerance
+def _kernel_rounding(quantization: str) -> Callable[[np.ndarray], np.ndarray]:
+    """What the compiled model does to activations before its weight matmuls: on AVX2, 4-bit
+    float32 ones round them to int8 (`q4_gemm.py`); other matmuls keep them as they are."""
+    if q4_gemm.column_block(get_quantization(quantization), tvm_target(Device("cpu"))):
+        return int8_rounded
+    return lambda x: x
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -82,35 +80,34 @@ def dequantized_hf_weights(folder, config: ModelConfig) -> dict[str, np.ndarray]
     return w
 
 
-def _check_against_reference(model, weights, tolerance: float, int16: bool = False) -> None:  # noqa: ANN001
-    """Prefill four prompts one at a time, decode them together, then one alone. With `int16`
-    (4-bit float32 models), a prompt of 9 to 64 tokens has its keys and values, and so every
-    later logit, within INT16_TOLERANCE; the rest within `tolerance`."""
+def _check_against_reference(model, weights, tolerance: float, quantization: str) -> None:  # noqa: ANN001
+    """Prefill four prompts one at a time, decode them together, then one alone: logits within
+    `tolerance` of the reference's (which rounds activations as the kernels do)."""
     runtime, config = model.runtime, model.config
+    rounded = _kernel_rounding(quantization)
     kv = runtime.create_kv_cache(4, 512, 128)
     # Long enough for RoPE scaling (original context 16 in the llama3 variant) to matter.
     prompts = [*PROMPTS, list(range(40, 80))]
-    tolerances = [_prefill_tolerance(len(prompt), tolerance, int16) for prompt in prompts]
     for seq_id, prompt in enumerate(prompts):
         kv.add_sequence(seq_id)
         logits = runtime.prefill(kv, [seq_id], [prompt], all_logits=True)
-        expected = reference.forward(weights, config, prompt)
+        expected = reference.forward(weights, config, prompt, rounded)
         assert logits.shape == expected.shape
-        assert _relative_error(logits, expected) < tolerances[seq_id]
+        assert _relative_error(logits, expected) < tolerance
     next_tokens = [12, 4, 6, 81]
     logits = runtime.decode(kv, [0, 1, 2, 3], next_tokens)
     for seq_id, prompt in enumerate(prompts):
-        expected = reference.forward(weights, config, prompt + [next_tokens[seq_id]])[-1]
-        assert _relative_error(logits[seq_id], expected) < tolerances[seq_id]
+        expected = reference.forward(weights, config, prompt + [next_tokens[seq_id]], rounded)[-1]
+        assert _relative_error(logits[seq_id], expected) < tolerance
     alone = runtime.decode(kv, [0], [33])[0]
-    expected = reference.forward(weights, config, prompts[0] + [next_tokens[0], 33])[-1]
-    assert _relative_error(alone, expected) < max(tolerance, INT16_TOLERANCE if int16 else 0)
+    expected = reference.forward(weights, config, prompts[0] + [next_tokens[0], 33], rounded)[-1]
+    assert _relative_error(alone, expected) < tolerance
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "llama3-rope"])
 def test_q0f32_matches_numpy_reference(tiny_model: Callable, variant: str) -> None:
     model = tiny_model("q0f32", variant)
-    _check_against_reference(model, model.hf_weights, tolerance=1e-4)
+    _check_against_reference(model, model.hf_weights, 1e-4, "q0f32")
 
 
 @pytest.mark.parametrize(
@@ -122,7 +119,7 @@ def test_quantized_model_matches_reference_on_its_dequantized_weights(
 ) -> None:
     model = tiny_model(quantization)
     weights = dequantized_hf_weights(model.folder, model.config)
-    _check_against_reference(model, weights, tolerance, int16=quantization.startswith("q4f32"))
+    _check_against_reference(model, weights, tolerance, quantization)
 
 
 def test_4bit_weights_stay_close_to_the_float_weights(tiny_model: Callable) -> None:
@@ -155,12 +152,13 @@ def test_batched_prefill_and_decode_equal_each_sequence_alone(tiny_model: Callab
         together.append(runtime.decode(kv, ids, [token] * 3))
     for step, batch in enumerate(together):
         for i in range(3):
-            # The batched prefill (19 rows) and the single-sequence decodes round to int16.
-            assert _relative_error(batch[i], alone[i][step]) < INT16_TOLERANCE
+            # Every matmul rounds each row on its own: the batch does not change a sequence's
+            # result.
+            assert _relative_error(batch[i], alone[i][step]) < 1e-5
 
 
 def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -> None:
-    # More rows than the matrix-vector schedule takes: the int16 kernel runs.
+    # More rows than a register tile of the int8 kernel takes: whole tiles and remainders.
     runtime = tiny_model("q4f32_m").runtime
     count = 12
     prompts = [[seq_id + 1, 2 * seq_id + 5, 7] for seq_id in range(count)]
@@ -174,7 +172,7 @@ def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -
         alone.add_sequence(0)
         runtime.prefill(alone, [0], [prompt])
         expected = runtime.decode(alone, [0], [30 + seq_id])[0]
-        assert _relative_error(together[seq_id], expected) < INT16_TOLERANCE
+        assert _relative_error(together[seq_id], expected) < 1e-5
 
 
 def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:

@@ -413,10 +413,13 @@ def attention_decode_paged(
     token against everything the sequence holds in the paged cache.
 
     A decode has few tasks (SmolLM2: 3 per sequence, one per kv head), so each sequence's pages
-    are split into up to MAX_SPLITS runs, as many as bring the tasks to about TARGET_TASKS;
-    each task attends to one run and keeps its unnormalized output, maximum and total, and a
-    serial pass then merges the runs of each head (at 1000 keys, 3 tasks on 2 threads had left
-    one thread a third of the time idle)."""
+    are split into SPLITS runs; each task attends to one run and keeps its unnormalized output,
+    maximum and total, and a serial pass then merges the runs of each head (at 1000 keys, 3
+    tasks on 2 threads had left one thread a third of the time idle). The split is the same
+    whatever the batch, so a sequence's sums run in the same order alone and batched: with the
+    int8 matmuls, which round each row on its own, its logits are then the same bit for bit
+    (an order that depended on the batch moved them by float rounding, which an int8 rounding
+    step could turn into a different greedy token)."""
     group = h_q // h_kv
     heads = _heads_per_task(group, d)
     lanes = _partial_lanes(d, vector_lanes)
@@ -460,13 +463,11 @@ def attention_decode_paged(
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
         with T.sblock("root"):
-            splits: T.let[T.int32] = T.max(
-                1, T.min(MAX_SPLITS, T.ceildiv(TARGET_TASKS, batch_size * blocks))
-            )
+            splits: T.let[T.int32] = SPLITS
             # Per sequence, query head and run: the run's output (not yet divided by its
             # total), and its maximum and total.
-            run_out = T.sblock_alloc_buffer((batch_size, h_q, MAX_SPLITS, d), "float32")
-            run_stats = T.sblock_alloc_buffer((batch_size, h_q, MAX_SPLITS, 2), "float32")
+            run_out = T.sblock_alloc_buffer((batch_size, h_q, SPLITS, d), "float32")
+            run_stats = T.sblock_alloc_buffer((batch_size, h_q, SPLITS, 2), "float32")
             for task in T.parallel(batch_size * blocks * splits):
                 with T.sblock("attend"):
                     T.reads()  # the rows a task touches depend on values it reads: declare none
@@ -508,10 +509,9 @@ def attention_decode_paged(
     return batch_decode_paged_kv
 
 
-# A decode splits each sequence's keys into at most this many runs, as many as bring its tasks
-# to about TARGET_TASKS (a few per thread of a 2-to-8-core CPU).
-MAX_SPLITS = 4
-TARGET_TASKS = 16
+# A decode splits each sequence's keys into this many runs, whatever the batch (enough tasks
+# for a 2-to-8-core CPU at batch 1).
+SPLITS = 4
 
 
 @T.macro

@@ -12,7 +12,12 @@ from collections.abc import Callable
 from tvm import te, tirx, topi
 from tvm.relax.frontend import nn
 
-from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE, Quantization
+from mlc_engine.engine.quantization import (
+    CODES_PER_WORD,
+    GROUP_SIZE,
+    Quantization,
+    blocked_shape,
+)
 
 # Block names the CPU schedule looks for.
 MATMUL_BLOCK = "NT_matmul"
@@ -26,25 +31,34 @@ def _q4_value(
     row: tirx.PrimExpr,
     k: tirx.PrimExpr,
 ) -> tirx.PrimExpr:
-    """Element [row, k] of a packed 4-bit matrix."""
-    word = weight[row, k // CODES_PER_WORD]
+    """Element [row, k] of a packed 4-bit matrix (row by row, or in blocks of rows)."""
+    word = _at(weight, row, k // CODES_PER_WORD)
     shift = ((k % CODES_PER_WORD) * 4).astype("uint32")
     code = ((word >> shift) & tirx.const(0xF, "uint32")).astype(scale.dtype)
     group = k // GROUP_SIZE
     if minimum is None:
-        return scale[row, group] * (code - tirx.const(8, scale.dtype))
-    return scale[row, group] * code + minimum[row, group]
+        return _at(scale, row, group) * (code - tirx.const(8, scale.dtype))
+    return _at(scale, row, group) * code + _at(minimum, row, group)
+
+
+def _at(array: te.Tensor, row: tirx.PrimExpr, column: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Element [row, column] of a 4-bit matrix's array, kept [rows, width] or in blocks of rows
+    [rows / block, width, block] (see `quantization.blocked_shape`)."""
+    if len(array.shape) == 2:
+        return array[row, column]
+    block = array.shape[2]
+    return array[row // block, column, row % block]
 
 
 class Q4Weight(nn.Module):
     """A [rows, cols] weight matrix stored as packed 4-bit codes with per-group scales."""
 
     def __init__(self, rows: int, cols: int, quant: Quantization) -> None:
-        self.q_weight = nn.Parameter((rows, cols // CODES_PER_WORD), "uint32")
-        self.q_scale = nn.Parameter((rows, cols // GROUP_SIZE), quant.dtype)
-        self.q_min = (
-            nn.Parameter((rows, cols // GROUP_SIZE), quant.dtype) if quant.has_minimum else None
-        )
+        words = blocked_shape((rows, cols // CODES_PER_WORD), quant.column_block)
+        groups = blocked_shape((rows, cols // GROUP_SIZE), quant.column_block)
+        self.q_weight = nn.Parameter(words, "uint32")
+        self.q_scale = nn.Parameter(groups, quant.dtype)
+        self.q_min = nn.Parameter(groups, quant.dtype) if quant.has_minimum else None
 
     def tensors(self) -> list[nn.Tensor]:
         return [self.q_weight, self.q_scale] + ([self.q_min] if self.q_min is not None else [])
@@ -73,7 +87,8 @@ def matmul_nt(x: nn.Tensor, weight: Q4Weight | nn.Tensor, out_dtype: str) -> nn.
 
     def compute(x: te.Tensor, w: te.Tensor, *q: te.Tensor) -> te.Tensor:
         read = _value_reader(w, q)
-        rows, cols = w.shape[0], x.shape[-1]
+        rows = w.shape[0] * w.shape[2] if len(w.shape) == 3 else w.shape[0]
+        cols = x.shape[-1]
         weight = te.compute(
             (rows, cols), lambda n, k: read(n, k).astype(out_dtype), name=DEQUANTIZE_BLOCK
         )

@@ -6,6 +6,7 @@ projections are fused as in MLC: q, k and v into `qkv_proj`, gate and up into `g
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tvm import tirx
@@ -15,6 +16,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine import q4_gemm
 from mlc_engine.engine.model.kv_cache import create_paged_kv_cache
 from mlc_engine.engine.model.layers import Embedding, Linear, swiglu
 from mlc_engine.engine.quantization import Quantization, get_quantization
@@ -83,8 +85,13 @@ class LlamaForCausalLM(nn.Module):
     """The exported functions: `prefill` (ragged, several sequences), `decode` (a batch)
     and `create_kv_cache`. Logits come back in float32 whatever the compute dtype."""
 
-    def __init__(self, config: ModelConfig, target: Target):
+    def __init__(self, config: ModelConfig, target: Target | None):
+        """`target` None: the model as any target sees it (its parameter names, not their
+        layout)."""
         quant = get_quantization(config.quantization)
+        if target is not None:
+            quant = dataclasses.replace(quant, column_block=q4_gemm.column_block(quant, target))
+        self.quant = quant
         self.rope_scaling = _rope_scaling(config)
         self.config = config
         self.target = target
