@@ -283,10 +283,15 @@ def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
             for c in range(registers):
                 for t in range(m // ROW_TILE):
                     row_tile(buffers, block, c, t * ROW_TILE, ROW_TILE)
-                # The last m % ROW_TILE rows, as tiles of 2 and 1 (sizes known when compiled).
-                if m % ROW_TILE >= 2:
-                    row_tile(buffers, block, c, m // ROW_TILE * ROW_TILE, 2)
-                if m % 2 == 1:
+                # The last m % ROW_TILE rows, in tiles of 4, 2 and 1 (sizes known when
+                # compiled): the binary digits of the rest.
+                if ROW_TILE > 4:
+                    if m % ROW_TILE % 8 >= 4:
+                        row_tile(buffers, block, c, m - m % ROW_TILE % 8, 4)
+                if ROW_TILE > 2:
+                    if m % ROW_TILE % 4 >= 2:
+                        row_tile(buffers, block, c, m - m % ROW_TILE % 4, 2)
+                if m % ROW_TILE % 2 == 1:
                     row_tile(buffers, block, c, m - 1, 1)
 
     return kernel.body
