@@ -1,10 +1,11 @@
 """4-bit float32 matmuls on x86 AVX2, with the activations rounded to int8.
 
 Every 4-bit float32 matmul of a library for AVX2 runs here (`schedule.py`): decode steps, alone
-or batched, and prefill chunks. The float schedules turn every 4-bit code into a float and multiply it in, 8 products
-per FMA. Here each row's 32 activations of a quantization group are rounded to int8 against the
-group's largest magnitude, as llama.cpp does on CPUs (within 1/254 of it), and meet the codes in
-`vpmaddubsw`, 32 products (unsigned codes by signed activations) each:
+or batched, and prefill chunks. The float schedules turn every 4-bit code into a float and
+multiply it in, 8 products per FMA. Here each row's 32 activations of a quantization group are
+rounded to int8 against the group's largest magnitude, as llama.cpp does on CPUs (within 1/254
+of it), and meet the codes in `vpmaddubsw`, 32 products (unsigned codes by signed activations)
+each:
 
     out[r, n] = sum_g sx[r, g] * (scale[n, g] * dot[r, n, g] + offset[n, g] * sum_{k in g} xq[r, k])
 
@@ -164,7 +165,7 @@ def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
     def quad_products(codes, xq32, block, g, w, c, odd, row):
         """vpmaddubsw of one word's even (or odd) codes for 8 columns with the row's 4 matching
         int8 activations: two int16 sums of two products per column."""
-        word = codes[lanes(((block * words + g * WORDS_PER_GROUP + w) * COLUMN_BLOCK + c * LANES))]
+        word = codes[lanes((block * words + g * WORDS_PER_GROUP + w) * COLUMN_BLOCK + c * LANES)]
         if odd:
             word = T.shift_right(word, T.Broadcast(T.uint32(4), LANES))
         nibbles = T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), LANES))
@@ -287,12 +288,10 @@ def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
                     row_tile(buffers, block, c, t * ROW_TILE, ROW_TILE)
                 # The last m % ROW_TILE rows, in tiles of 4, 2 and 1 (sizes known when
                 # compiled): the binary digits of the rest.
-                if ROW_TILE > 4:
-                    if m % ROW_TILE % 8 >= 4:
-                        row_tile(buffers, block, c, m - m % ROW_TILE % 8, 4)
-                if ROW_TILE > 2:
-                    if m % ROW_TILE % 4 >= 2:
-                        row_tile(buffers, block, c, m - m % ROW_TILE % 4, 2)
+                if m % ROW_TILE % 8 >= 4:
+                    row_tile(buffers, block, c, m - m % ROW_TILE % 8, 4)
+                if m % ROW_TILE % 4 >= 2:
+                    row_tile(buffers, block, c, m - m % ROW_TILE % 4, 2)
                 if m % ROW_TILE % 2 == 1:
                     row_tile(buffers, block, c, m - 1, 1)
 

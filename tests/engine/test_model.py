@@ -10,15 +10,15 @@ import pytest
 import reference
 import tvm
 from conftest import CPU
-from test_q4_gemm import int8_rounded
 from safetensors.numpy import load_file
+from test_q4_gemm import int8_rounded
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.device import Device, tvm_target
 from mlc_engine.common.errors import ModelLibraryError
 from mlc_engine.engine import q4_gemm
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.models import prepare_library
-from mlc_engine.common.device import Device, tvm_target
 from mlc_engine.engine.quantization import PackedQ4, dequantize, get_quantization
 from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime
 

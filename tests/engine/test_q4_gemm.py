@@ -89,7 +89,8 @@ def _run(
 ) -> np.ndarray:
     """x [rows, k] @ W.T through a compiled kernel, the weights blocked as a library wants
     them and the residual taken off again."""
-    arrays = [packed.weight, packed.scale] + ([packed.minimum] if packed.minimum is not None else [])
+    arrays = [packed.weight, packed.scale]
+    arrays += [packed.minimum] if packed.minimum is not None else []
     operands = [x[:, None, :]] + [to_storage_layout(a, COLUMN_BLOCK) for a in arrays]
     operands += [residual[:, None, :]] if residual is not None else []
     device = tvm.cpu()
@@ -212,7 +213,8 @@ def test_libraries_ask_for_blocks_only_where_the_kernel_runs() -> None:
     assert q4_gemm.column_block(q4f32, TARGET) == COLUMN_BLOCK
     assert q4_gemm.column_block(get_quantization("q4f16_1"), TARGET) == 0
     assert q4_gemm.column_block(get_quantization("q0f32"), TARGET) == 0
-    assert q4_gemm.column_block(q4f32, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) == 0  # no AVX2
+    without_avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    assert q4_gemm.column_block(q4f32, without_avx2) == 0
 
 
 def test_blocks_of_columns_hold_each_column_word_major() -> None:
