@@ -11,9 +11,8 @@ each:
 
 with `x[r, k] ~= sx[r, g] * xq[r, k]`, `dot` the integer sum of code * xq over the group, and
 `offset` the group's minimum (or -8 * scale for symmetric codes): exactly the matmul of the
-rounded rows. On SmolLM2 this moved
-perplexity by 0.1% (q4f32_m) and 0.4% (q4f32_1) in a NumPy run, where the 4-bit weights
-themselves cost 7% and 58% (benchmarks/README.md).
+rounded rows. On SmolLM2 this moved perplexity by 0.3-0.4%, where the 4-bit weights themselves
+cost 7% (q4f32_m) and 49% (q4f32_1) (benchmarks/README.md).
 
 Columns sit in the SIMD lanes, and the weights come in blocks of 16 columns, word-major (the
 library asks the runtime for `quantization.COLUMN_BLOCK` blocks), so a load gives one packed
@@ -21,8 +20,9 @@ word of each of 8 columns: 8 consecutive codes of a column, code j in nibble j. 
 0x0F0F0F0F it leaves codes 0, 2, 4, 6 in its bytes; shifted right by 4 first, codes 1, 3, 5,
 7. Each meets a broadcast of the row's 4 matching int8 activations (stored in that order,
 evens then odds, per word), and `vpmaddubsw` leaves two int16 sums of two products per column.
-A group's 16 such sums per int16 lane stay within 4 * 2 * 15 * 127 < 2^15, so they are added as
-int16 and widened (`vpmaddwd` by ones) once per group, then scaled in float.
+A group puts 16 products into each int16 lane (4 words, their even and odd codes), at most
+16 * 15 * 127 = 30480 < 2^15, so they are added as int16 and widened (`vpmaddwd` by ones) once
+per group, then scaled in float.
 
 Rows go through in tiles of 4 (their int16 sums and float accumulators, one register each, with
 the codes and a broadcast, fill the 16 AVX2 registers; 3 to 6 rows ran as fast), then the rest
@@ -127,7 +127,7 @@ def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
     return q4_operands(func, target) is not None
 
 
-def tree(
+def _tree(
     combine: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], terms: list[tirx.PrimExpr]
 ) -> tirx.PrimExpr:
     """The terms combined pairwise, as a balanced tree."""
@@ -136,9 +136,9 @@ def tree(
     return terms[0]
 
 
-def largest_at(x: tirx.Buffer, start: tirx.PrimExpr) -> tirx.PrimExpr:
+def _largest_at(x: tirx.Buffer, start: tirx.PrimExpr) -> tirx.PrimExpr:
     """The largest magnitude in the group of x that begins at `start`."""
-    return tree(tirx.max, [tirx.abs(x[start + j]) for j in range(GROUP_SIZE)])
+    return _tree(tirx.max, [tirx.abs(x[start + j]) for j in range(GROUP_SIZE)])
 
 
 def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
@@ -254,10 +254,10 @@ def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
         x_sum = T.alloc_buffer((m * groups,), "float32")
         x_inverse = T.alloc_buffer((1,), "float32")
         for r, g in T.grid(m, groups):
-            x_scale[r * groups + g] = largest_at(x, group_start(r, g)) / T.float32(LARGEST_CODE)
+            x_scale[r * groups + g] = _largest_at(x, group_start(r, g)) / T.float32(LARGEST_CODE)
             x_inverse[0] = T.if_then_else(  # 0 for a group of zeros
                 x_scale[r * groups + g] > 0,
-                T.float32(LARGEST_CODE) / largest_at(x, group_start(r, g)),
+                T.float32(LARGEST_CODE) / _largest_at(x, group_start(r, g)),
                 0.0,
             )
             for w in range(WORDS_PER_GROUP):
@@ -276,7 +276,7 @@ def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
             # out of the rounding error, which grows it (codes are all positive).
             x_sum[r * groups + g] = x_scale[r * groups + g] * T.Cast(
                 "float32",
-                tree(
+                _tree(
                     T.Add,
                     [T.Cast("int32", xq[group_start(r, g) + i]) for i in range(GROUP_SIZE)],
                 ),
