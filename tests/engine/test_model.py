@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.device import Device, tvm_target
 from mlc_engine.common.errors import ModelLibraryError
 from mlc_engine.engine import q4_gemm
+from mlc_engine.engine.compiler import compile_model
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.models import prepare_library
 from mlc_engine.engine.quantization import PackedQ4, dequantize, get_quantization
@@ -229,3 +231,26 @@ def test_a_library_built_for_another_model_is_refused(tiny_model: Callable) -> N
     qwen2_library = prepare_library(qwen2.folder, CPU)
     with pytest.raises(ModelLibraryError, match="differ in attention_bias, model_type"):
         ModelRuntime(qwen2_library, llama.folder, tvm.cpu())
+
+
+def test_a_library_without_avx2_reads_the_same_folder_row_by_row(
+    tiny_model: Callable, tmp_path: Path
+) -> None:
+    """A CPU without AVX2 gets a library that keeps 4-bit weights row by row and the float
+    schedules: from the same model folder, its logits match the unrounded reference."""
+    model = tiny_model("q4f32_m")
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 2})
+    library = tmp_path / "no-avx2.so"
+    compile_model(model.config, target, library)
+    runtime = ModelRuntime(library, model.folder, tvm.cpu())
+    assert all(len(param.shape) <= 2 for param in runtime.params)  # no blocks of columns
+    assert any(len(param.shape) == 3 for param in model.runtime.params)  # as on AVX2
+    weights = dequantized_hf_weights(model.folder, model.config)
+    prompt = PROMPTS[2]
+    kv = runtime.create_kv_cache(1, 512, 128)
+    kv.add_sequence(0)
+    logits = runtime.prefill(kv, [0], [prompt], all_logits=True)
+    assert _relative_error(logits, reference.forward(weights, model.config, prompt)) < 1e-4
+    decoded = runtime.decode(kv, [0], [12])[0]
+    expected = reference.forward(weights, model.config, [*prompt, 12])[-1]
+    assert _relative_error(decoded, expected) < 1e-4
