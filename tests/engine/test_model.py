@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from test_q4_gemm import int8_rounded
 
 from mlc_engine.common.config import ModelConfig
-from mlc_engine.common.device import Device, tvm_target
+from mlc_engine.common.device import tvm_target
 from mlc_engine.common.errors import ModelLibraryError
 from mlc_engine.engine import q4_gemm
 from mlc_engine.engine.compiler import compile_model
@@ -30,7 +30,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 
 def _kernel_rounding(quantization: str) -> Callable[[np.ndarray], np.ndarray]:
     """What the compiled model does to activations before its weight matmuls: on AVX2, 4-bit
     float32 ones round them to int8 (`q4_gemm.py`); other matmuls keep them as they are."""
-    if q4_gemm.column_block(get_quantization(quantization), tvm_target(Device("cpu"))):
+    if q4_gemm.column_block(get_quantization(quantization), tvm_target(CPU)):
         return int8_rounded
     return lambda x: x
 
