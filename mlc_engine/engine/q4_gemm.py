@@ -252,13 +252,13 @@ def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
         xq32 = T.decl_buffer((m * k // 4,), "int32", data=xq.data)
         x_scale = T.alloc_buffer((m * groups,), "float32")
         x_sum = T.alloc_buffer((m * groups,), "float32")
+        largest = T.alloc_buffer((1,), "float32")
         x_inverse = T.alloc_buffer((1,), "float32")
         for r, g in T.grid(m, groups):
-            x_scale[r * groups + g] = _largest_at(x, group_start(r, g)) / T.float32(LARGEST_CODE)
+            largest[0] = _largest_at(x, group_start(r, g))
+            x_scale[r * groups + g] = largest[0] / T.float32(LARGEST_CODE)
             x_inverse[0] = T.if_then_else(  # 0 for a group of zeros
-                x_scale[r * groups + g] > 0,
-                T.float32(LARGEST_CODE) / _largest_at(x, group_start(r, g)),
-                0.0,
+                largest[0] > 0, T.float32(LARGEST_CODE) / largest[0], 0.0
             )
             for w in range(WORDS_PER_GROUP):
                 xq[T.ramp(group_start(r, g) + w * CODES_PER_WORD, 1, CODES_PER_WORD)] = T.Cast(

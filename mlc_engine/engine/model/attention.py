@@ -463,21 +463,20 @@ def attention_decode_paged(
         assert rotary_mode == 0, "attention kernels expect RoPE applied (RopeMode.NORMAL)"
 
         with T.sblock("root"):
-            splits: T.let[T.int32] = SPLITS
             # Per sequence, query head and run: the run's output (not yet divided by its
             # total), and its maximum and total.
             run_out = T.sblock_alloc_buffer((batch_size, h_q, SPLITS, d), "float32")
             run_stats = T.sblock_alloc_buffer((batch_size, h_q, SPLITS, 2), "float32")
-            for task in T.parallel(batch_size * blocks * splits):
+            for task in T.parallel(batch_size * blocks * SPLITS):
                 with T.sblock("attend"):
                     T.reads()  # the rows a task touches depend on values it reads: declare none
                     T.writes()
                     query, out, scores, partial, stats = _scratch(heads, d, d, lanes)
-                    b: T.let[T.int32] = task // (blocks * splits)
-                    h: T.let[T.int32] = task // splits % blocks * heads  # its first head
-                    run: T.let[T.int32] = task % splits
+                    b: T.let[T.int32] = task // (blocks * SPLITS)
+                    h: T.let[T.int32] = task // SPLITS % blocks * heads  # its first head
+                    run: T.let[T.int32] = task % SPLITS
                     n_keys: T.let[T.int32] = _paged_kv_len(page_indptr, last_page_len, b)
-                    per_run: T.let[T.int32] = T.ceildiv(T.ceildiv(n_keys, PAGE_SIZE), splits)
+                    per_run: T.let[T.int32] = T.ceildiv(T.ceildiv(n_keys, PAGE_SIZE), SPLITS)
                     step.start(query, out, stats, q, b, h, sm_scale)
                     for tile in T.serial(
                         run * per_run, T.min((run + 1) * per_run, T.ceildiv(n_keys, PAGE_SIZE))
@@ -504,7 +503,7 @@ def attention_decode_paged(
                 with T.sblock("merge"):
                     T.reads()
                     T.writes()
-                    _merge_runs(run_out, run_stats, output, lse, b, head, splits, d)
+                    _merge_runs(run_out, run_stats, output, lse, b, head, SPLITS, d)
 
     return batch_decode_paged_kv
 
