@@ -17,6 +17,7 @@ from mlc_engine.engine.model.attention import (
     attention_prefill_paged,
     attention_prefill_ragged,
 )
+from mlc_engine.engine.model.kv_cache import kv_append
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -210,3 +211,22 @@ def test_kernels_refuse_rope_inside_attention() -> None:
     kernel = attention_decode_paged(H_KV, H_Q, D, "float32", 8)
     with pytest.raises(Exception, match="RoPE applied"):
         _run(kernel, [q, *cache.arrays(), *zeros], [1, 1.0, 1e4, D**-0.5], 1)
+
+
+def test_append_kernel_writes_what_tvms_does() -> None:
+    # Tokens land in shuffled slots of several pages; position -1 means "do not store".
+    from tvm.relax.frontend.nn.llm._page_kernels import _kv_cache_transpose_append
+
+    rng = np.random.default_rng(4)
+    pages = rng.standard_normal((5, 2, H_KV, PAGE_SIZE, D), np.float32)
+    k, v = (rng.standard_normal((23, H_KV, D), np.float32) for _ in range(2))
+    positions = rng.permutation(5 * PAGE_SIZE)[:23].astype(np.int32)
+    positions[[3, 17]] = -1
+    written = []
+    for kernel in (kv_append(H_KV, D, "float32"), _kv_cache_transpose_append(H_KV, D, "float32")):
+        out = tvm.runtime.tensor(pages)
+        tvm.compile(kernel, TARGET)(out, *(tvm.runtime.tensor(a) for a in (k, v, positions)))
+        written.append(out.numpy())
+    ours, theirs = written
+    np.testing.assert_array_equal(ours, theirs)
+    assert not np.array_equal(ours, pages)  # it did write

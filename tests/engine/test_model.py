@@ -177,6 +177,20 @@ def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -
         assert _relative_error(together[seq_id], expected) < 1e-5
 
 
+def test_logits_a_caller_holds_outlive_later_steps(tiny_model: Callable) -> None:
+    # On CPU the logits come back without a copy: later steps must not write over them.
+    runtime = tiny_model("q0f32").runtime
+    kv = runtime.create_kv_cache(2, 512, 128)
+    for seq_id in (0, 1):
+        kv.add_sequence(seq_id)
+    held = [runtime.prefill(kv, [0, 1], PROMPTS[:2]), runtime.decode(kv, [0, 1], [5, 6])]
+    copies = [logits.copy() for logits in held]
+    later = runtime.decode(kv, [0, 1], [7, 8]), runtime.decode(kv, [0], [9])
+    for logits, copy in zip(held, copies, strict=True):
+        np.testing.assert_array_equal(logits, copy)
+    assert not np.array_equal(later[0], held[1])
+
+
 def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:
     runtime = tiny_model("q0f32").runtime
     kv = runtime.create_kv_cache(4, 512, 128)
