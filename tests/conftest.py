@@ -25,7 +25,8 @@ from safetensors.numpy import save_file
 
 from mlc_engine.common.client import EngineClient
 from mlc_engine.common.config import ModelConfig
-from mlc_engine.common.device import Device, tvm_device
+from mlc_engine.common.device import Device, tvm_device, tvm_target
+from mlc_engine.engine.compiler import compile_model
 from mlc_engine.engine.convert import convert
 from mlc_engine.engine.models import default_model_gguf, prepare_library, prepare_model
 from mlc_engine.engine.runtime import ModelRuntime
@@ -136,12 +137,13 @@ class LoadedModel:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., LoadedModel]:
-    """`tiny_model(quantization, variant="llama")`: converted from a Hugging Face folder of
-    random weights, compiled and loaded; each variant once per session."""
-    loaded: dict[tuple[str, str], LoadedModel] = {}
+    """`tiny_model(quantization, variant="llama", kv_dtype="")`: converted from a Hugging Face
+    folder of random weights, compiled (with a KV cache of `kv_dtype`, if not the default) and
+    loaded; each variant once per session."""
+    loaded: dict[tuple[str, str, str], LoadedModel] = {}
 
-    def load(quantization: str, variant: str = "llama") -> LoadedModel:
-        key = (quantization, variant)
+    def load(quantization: str, variant: str = "llama", kv_dtype: str = "") -> LoadedModel:
+        key = (quantization, variant, kv_dtype)
         if key not in loaded:
             root = tmp_path_factory.mktemp(f"tiny-{variant}-{quantization}")
             hf_folder = root / "hf"
@@ -152,7 +154,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Loaded
             save_file(weights, str(hf_folder / "model.safetensors"))
             folder = root / "model"
             convert(hf_folder, quantization, folder, model_name="tiny")
-            lib = prepare_library(folder, CPU)
+            if kv_dtype:
+                lib = root / "model.so"
+                compile_model(ModelConfig.load(folder), tvm_target(CPU), lib, kv_dtype=kv_dtype)
+            else:
+                lib = prepare_library(folder, CPU)
             loaded[key] = LoadedModel(folder, ModelRuntime(lib, folder, tvm_device(CPU)), weights)
         return loaded[key]
 

@@ -104,6 +104,7 @@ def library_metadata(model: LlamaForCausalLM) -> dict[str, Any]:
     return {
         "architecture": model.config.architecture_key(),
         "column_block": model.quant.column_block,
+        "kv_dtype": model.quant.kv_dtype,
     }
 
 
@@ -120,11 +121,14 @@ def compile_model(
     target: tvm.target.Target,
     output: Path,
     progress: Callable[[str], None] = lambda _: None,
+    kv_dtype: str = "",
 ) -> float:
-    """Build the library for `config` on `target` into `output`; returns the seconds taken."""
+    """Build the library for `config` on `target` into `output`; returns the seconds taken.
+    `kv_dtype`: the KV cache's dtype, if not the quantization's default (tests compare a
+    float32 cache with a NumPy reference exactly)."""
     start = time.perf_counter()
     progress("exporting the model graph")
-    model = LlamaForCausalLM(config, target)
+    model = LlamaForCausalLM(config, target, kv_dtype)
     mod, _ = model.export_tvm(spec=model.get_default_spec())
     mod = _with_metadata(mod, model)
     progress("optimizing and scheduling kernels")

@@ -38,10 +38,21 @@ class Quantization:
     # 4-bit arrays in blocks of this many rows (COLUMN_BLOCK), or row by row (0). A choice of
     # the library, not of the model folder.
     column_block: int = 0
+    # The KV cache's dtype where a library asks for one; "" for the default (`kv_dtype`).
+    kv_cache_dtype: str = ""
 
     @property
     def quantized(self) -> bool:
         return self.bits > 0
+
+    @property
+    def kv_dtype(self) -> str:
+        """What the KV cache holds: by default float16 for 4-bit models (llama.cpp's default
+        cache too), which halves what a decode reads at long context; unquantized models keep
+        their compute dtype, so that q0f32 stays float32 throughout."""
+        if self.kv_cache_dtype:
+            return self.kv_cache_dtype
+        return "float16" if self.quantized else self.dtype
 
 
 QUANTIZATIONS = {

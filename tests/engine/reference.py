@@ -51,9 +51,16 @@ def forward(
     config: ModelConfig,
     tokens: list[int],
     rounded: Callable[[np.ndarray], np.ndarray] = lambda x: x,
+    kv_dtype: str = "float32",
 ) -> np.ndarray:
     """Logits [len(tokens), vocab] after each token of one sequence. `rounded` is applied to the
-    activations that go into each weight matmul (as a kernel that rounds them would)."""
+    activations that go into each weight matmul (as a kernel that rounds them would). With a
+    float16 `kv_dtype`, q, k and v are rounded to it before RoPE and after (the cache's kernels
+    take and give that dtype), and so is the attention's output."""
+
+    def in_cache(x: np.ndarray) -> np.ndarray:
+        return x.astype(kv_dtype).astype(np.float32)
+
     c = config
     w = weights
     positions = np.arange(len(tokens))
@@ -68,8 +75,9 @@ def forward(
             out = h @ w[f"{p}.self_attn.{name}_proj.weight"].T
             bias = w.get(f"{p}.self_attn.{name}_proj.bias")
             proj[name] = out + bias if bias is not None else out
-        q = _rope(proj["q"].reshape(n, hq, d), positions, c.rope_theta, c.rope_scaling)
-        k = _rope(proj["k"].reshape(n, hkv, d), positions, c.rope_theta, c.rope_scaling)
+        proj = {name: in_cache(value) for name, value in proj.items()}
+        q = in_cache(_rope(proj["q"].reshape(n, hq, d), positions, c.rope_theta, c.rope_scaling))
+        k = in_cache(_rope(proj["k"].reshape(n, hkv, d), positions, c.rope_theta, c.rope_scaling))
         v = proj["v"].reshape(n, hkv, d)
         group = hq // hkv
         k = np.repeat(k, group, axis=1)
@@ -77,7 +85,7 @@ def forward(
         scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + causal
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
-        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(n, hq * d)
+        attn = in_cache(np.einsum("hqk,khd->qhd", probs, v).reshape(n, hq * d))
         x = x + rounded(attn) @ w[f"{p}.self_attn.o_proj.weight"].T
         h = rounded(_rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps))
         gate = h @ w[f"{p}.mlp.gate_proj.weight"].T

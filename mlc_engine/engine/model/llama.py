@@ -30,14 +30,16 @@ class Attention(nn.Module):
         qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, qkv_rows, config.attention_bias, quant)
         self.o_proj = Linear(self.num_q_heads * self.head_dim, config.hidden_size, False, quant)
+        self.dtype, self.kv_dtype = quant.dtype, quant.kv_dtype
 
     def forward(self, x: nn.Tensor, kv_cache: PagedKVCache, layer_id: int) -> nn.Tensor:
         batch, seq_len, _ = x.shape
         heads = self.num_q_heads + 2 * self.num_kv_heads
         qkv = op.reshape(self.qkv_proj(x), (batch, seq_len, heads, self.head_dim))
+        # The cache's kernels take q, k and v in its dtype (they compute in float32).
         out = kv_cache.attention_with_fused_qkv(
-            layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5
-        )
+            layer_id, qkv.astype(self.kv_dtype), self.num_q_heads, sm_scale=self.head_dim**-0.5
+        ).astype(self.dtype)
         return self.o_proj(op.reshape(out, (batch, seq_len, self.num_q_heads * self.head_dim)))
 
 
@@ -85,10 +87,10 @@ class LlamaForCausalLM(nn.Module):
     """The exported functions: `prefill` (ragged, several sequences), `decode` (a batch)
     and `create_kv_cache`. Logits come back in float32 whatever the compute dtype."""
 
-    def __init__(self, config: ModelConfig, target: Target | None):
+    def __init__(self, config: ModelConfig, target: Target | None, kv_dtype: str = ""):
         """`target` None: the model as any target sees it (its parameter names, not their
-        layout)."""
-        quant = get_quantization(config.quantization)
+        layout). `kv_dtype`: the KV cache's dtype, if not the quantization's default."""
+        quant = dataclasses.replace(get_quantization(config.quantization), kv_cache_dtype=kv_dtype)
         if target is not None:
             quant = dataclasses.replace(quant, column_block=q4_gemm.column_block(quant, target))
         self.quant = quant
@@ -140,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> PagedKVCache:
         return create_paged_kv_cache(
             self.config,
-            self.dtype,
+            self.quant.kv_dtype,
             self.target,
             max_batch_size,
             max_total_seq_len,
