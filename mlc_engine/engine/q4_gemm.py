@@ -143,10 +143,9 @@ def _largest_at(x: tirx.Buffer, start: tirx.PrimExpr) -> tirx.PrimExpr:
     return _tree(tirx.max, [tirx.abs(x[start + j]) for j in range(GROUP_SIZE)])
 
 
-def q4_matmul_body(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Stmt:
-    """The kernel's body over `func`'s own parameters, for any number of rows."""
-    operands = q4_operands(func, target)
-    assert operands is not None, "check applies() first"
+def q4_matmul_body(func: tirx.PrimFunc, operands: Q4Operands) -> tirx.Stmt:
+    """The kernel's body over `func`'s own parameters (`operands`: what `q4_operands` found
+    in it), for any number of rows."""
     rows, k, n = operands.rows, operands.k, operands.n
     has_minimum, has_residual = operands.has_minimum, operands.has_residual
     pmaddwd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")

@@ -190,8 +190,9 @@ def _row_count(func: tirx.PrimFunc) -> tirx.PrimExpr:
 
 def _schedule_matmul(func: tirx.PrimFunc, lanes: int, target: tvm.target.Target) -> tirx.PrimFunc:
     """One kernel holding a schedule per range of row counts, picked at run time."""
-    if q4_gemm.applies(func, target):
-        return func.with_body(q4_gemm.q4_matmul_body(func, target))
+    operands = q4_gemm.q4_operands(func, target)
+    if operands is not None:
+        return func.with_body(q4_gemm.q4_matmul_body(func, operands))
     variants: list[tuple[int | None, tirx.Stmt]] = []
     for row_tile in GEMV_ROW_TILES:
         sch = s_tir.Schedule(func)

@@ -139,14 +139,15 @@ def test_kernel_rounds_activations_to_int8_and_nothing_else(
     has_minimum: bool, has_residual: bool, rows: int, k_size: int
 ) -> None:
     func = _matmul_func(has_minimum, has_residual, _int64(rows), k_size)
-    assert q4_gemm.applies(func, TARGET)
+    operands = q4_gemm.q4_operands(func, TARGET)
+    assert operands is not None  # the kernel applies
     rng = np.random.default_rng(rows)
     packed = _packed_weight(has_minimum, rng, k_size)
     x = rng.standard_normal((rows, k_size)).astype(np.float32)
     x[0, 5] = 40.0  # an outlier: its group's other activations get coarser steps
     x[-1, GROUP_SIZE : 2 * GROUP_SIZE] = 0.0  # a group of zeros: scale 0, nothing divided by it
     residual = rng.standard_normal((rows, N)).astype(np.float32) if has_residual else None
-    run = _compile(func.with_body(q4_gemm.q4_matmul_body(func, TARGET)))
+    run = _compile(func.with_body(q4_gemm.q4_matmul_body(func, operands)))
     _assert_int8_result(_run(run, x, packed, residual), x, packed)
 
 

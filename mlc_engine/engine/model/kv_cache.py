@@ -19,6 +19,7 @@ from tvm.target import Target
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine.model.attention import (
+    PAGE_SIZE,
     attention_decode_paged,
     attention_prefill_paged,
     attention_prefill_ragged,
@@ -110,15 +111,15 @@ def _yarn_ready(rope_scaling: dict[str, Any], config: ModelConfig) -> dict[str, 
     return {**rope_scaling, "inv_theta_log_scale": 1.0 / (2 * math.log(config.rope_theta))}
 
 
-def kv_append(h_kv: int, d: int, dtype: str, page_size: int = 16) -> tirx.PrimFunc:
+def kv_append(h_kv: int, d: int, dtype: str) -> tirx.PrimFunc:
     """In place of TVM's `_kv_cache_transpose_append`: each new token's keys and values, head
-    by head, copied to its slot in the pages (position_map: page * page_size + offset, or -1
+    by head, copied to its slot in the pages (position_map: page * PAGE_SIZE + offset, or -1
     for a token not to store). TVM's loop copies one scalar at a time and works out the slot
     for each (about 1% of a 16-sequence decode step); here a head's row is one vector copy."""
 
     @T.prim_func(s_tir=True)
     def tir_kv_cache_transpose_append(
-        var_pages: T.handle,  # [num_pages, 2, h_kv, page_size, d]
+        var_pages: T.handle,  # [num_pages, 2, h_kv, PAGE_SIZE, d]
         var_k_data: T.handle,  # [n_tokens, h_kv, d]
         var_v_data: T.handle,  # [n_tokens, h_kv, d]
         var_position_map: T.handle,  # [n_tokens]
@@ -127,7 +128,7 @@ def kv_append(h_kv: int, d: int, dtype: str, page_size: int = 16) -> tirx.PrimFu
         n_tokens = T.int64()
         num_pages = T.int64()
         pages = T.match_buffer(
-            var_pages, (num_pages, 2, h_kv, page_size, d), dtype, elem_offset=T.int64()
+            var_pages, (num_pages, 2, h_kv, PAGE_SIZE, d), dtype, elem_offset=T.int64()
         )
         k_data = T.match_buffer(var_k_data, (n_tokens, h_kv, d), dtype)
         v_data = T.match_buffer(var_v_data, (n_tokens, h_kv, d), dtype)
@@ -137,8 +138,8 @@ def kv_append(h_kv: int, d: int, dtype: str, page_size: int = 16) -> tirx.PrimFu
                 T.reads()  # where a row goes depends on a value read: declare none
                 T.writes()
                 if position_map[token] != -1:
-                    page: T.let[T.int32] = position_map[token] // page_size
-                    slot: T.let[T.int32] = position_map[token] % page_size
+                    page: T.let[T.int32] = position_map[token] // PAGE_SIZE
+                    slot: T.let[T.int32] = position_map[token] % PAGE_SIZE
                     for i in T.vectorized(d):
                         pages[page, 0, h, slot, i] = k_data[token, h, i]
                     for i in T.vectorized(d):
