@@ -33,6 +33,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     quantization: str = "q0f32"
+    # How each weight matrix is stored ("q4_1", "q8_0", "float", ...) by our parameter prefix;
+    # empty in folders from before per-tensor storage, where the scheme decides for all.
+    tensor_storage: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Which converter wrote the folder (`convert.CONVERTER_VERSION`; 0: before it was recorded).
+    converter_version: int = 0
     prefill_chunk_size: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = dataclasses.field(default_factory=list)
@@ -53,7 +58,7 @@ class ModelConfig:
             "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "vocab_size", "rms_norm_eps",
             "rope_theta", "rope_scaling", "head_dim", "tie_word_embeddings", "attention_bias",
-            "quantization",
+            "quantization", "tensor_storage",
         ]  # fmt: skip
         return {name: getattr(self, name) for name in keep}
 

@@ -27,7 +27,7 @@ from mlc_engine.engine.schedule import schedule_cpu_kernels
 _CODEGEN_SOURCES = (
     "compiler.py",
     "schedule.py",
-    "q4_gemm.py",
+    "int8_gemm.py",
     "quantization.py",
     "model/*.py",
 )

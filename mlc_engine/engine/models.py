@@ -18,7 +18,7 @@ from mlc_engine.common.device import Device, resolve_device, tvm_target
 from mlc_engine.common.errors import ModelNotFoundError
 from mlc_engine.common.model_paths import cache_dir, resolve_model, split_model_name
 from mlc_engine.engine.compiler import compile_model, library_key
-from mlc_engine.engine.convert import convert
+from mlc_engine.engine.convert import CONVERTER_VERSION, convert
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # The default model's GGUF holds Q4_1 blocks, which the `_m` schemes carry over exactly;
@@ -56,17 +56,22 @@ def default_model_gguf() -> Path:
 
 def prepare_model(model: str | None, device: Device, progress: Progress = _no_progress) -> Path:
     """The model folder for `--model` (None: the default model), converting the default model
-    into the cache when it is asked for and not there yet."""
+    into the cache when it is asked for and not there yet, or was converted by an older
+    converter."""
     if model is None:
         concrete = resolve_device(device) if device.kind == "auto" else device
         model = f"{DEFAULT_MODEL}-{default_quantization(concrete)}"
-    try:
+    base, quantization = split_model_name(model)
+    if base != DEFAULT_MODEL or quantization is None:
         return resolve_model(model)
-    except ModelNotFoundError:
-        base, quantization = split_model_name(model)
-        if base != DEFAULT_MODEL or quantization is None:
-            raise
     output = cache_dir() / "models" / model
+    try:
+        found = resolve_model(model)
+        # A folder of the user's own is theirs; ours in the cache is renewed when it is stale.
+        if found != output or ModelConfig.load(found).converter_version >= CONVERTER_VERSION:
+            return found
+    except ModelNotFoundError:
+        pass
     convert(
         default_model_gguf(),
         quantization,

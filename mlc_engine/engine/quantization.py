@@ -8,11 +8,21 @@ Names follow MLC: `q{bits}f{compute float bits}_{variant}`.
 - `q4f32_m`, `q4f16_m`: asymmetric 4-bit in groups of 32 with a per-group minimum:
   `w = scale * code + minimum`, which is GGUF's Q4_1 block, carried over as it is.
 
-Codes are packed eight to a uint32, element `k` of a row in bits `4 * (k % 8)` of word `k // 8`.
+Each weight matrix has a storage of its own (`STORAGES`), recorded per tensor in the model folder's
+`mlc-chat-config.json` (`ModelConfig.tensor_storage`): the scheme's 4-bit format for weights
+converted from floats, or what a GGUF file held where that had more bits (a Q8_0 tensor stays
+8-bit, a float one float: `convert.py`). The scheme's dtype computes throughout.
+- `q4_0`: the symmetric 4-bit groups above; `q4_1`: with a minimum.
+- `q8_0`: GGUF's Q8_0 blocks, `w = scale * code`, code in -128..127, groups of 32.
+- `float`: the weights in the compute dtype.
 
-Model folders store 4-bit matrices row by row ([rows, words], [rows, groups]). A library may
+4-bit codes are packed eight to a uint32, element `k` of a row in bits `4 * (k % 8)` of word
+`k // 8`; 8-bit codes four to a uint32, element `k` in byte `k % 4` of word `k // 4` (the int8
+row viewed as uint32, little-endian).
+
+Model folders store quantized matrices row by row ([rows, words], [rows, groups]). A library may
 want them in blocks of COLUMN_BLOCK rows instead, each block word-major ([rows / 16, words, 16]:
-the same word of 16 rows side by side), which is how the CPU's integer kernel (`q4_gemm.py`)
+the same word of 16 rows side by side), which is how the CPU's integer kernel (`int8_gemm.py`)
 reads them into SIMD lanes. The library records which it wants (`Quantization.column_block`),
 and the runtime repacks the stored arrays when it loads them (`to_storage_layout`).
 """
@@ -23,8 +33,19 @@ import dataclasses
 
 import numpy as np
 
+from mlc_engine.common.config import ModelConfig
+
 GROUP_SIZE = 32
-CODES_PER_WORD = 8
+CODES_PER_WORD = 8  # 4-bit codes in a uint32
+
+FLOAT, Q4_0, Q4_1, Q8_0 = "float", "q4_0", "q4_1", "q8_0"
+STORAGES = (FLOAT, Q4_0, Q4_1, Q8_0)
+# Bits per code of each quantized storage, and how many codes a uint32 word holds.
+STORAGE_BITS = {Q4_0: 4, Q4_1: 4, Q8_0: 8}
+
+
+def codes_per_word(storage: str) -> int:
+    return 32 // STORAGE_BITS[storage]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +74,13 @@ class Quantization:
         if self.kv_cache_dtype:
             return self.kv_cache_dtype
         return "float16" if self.quantized else self.dtype
+
+    @property
+    def weight_storage(self) -> str:
+        """The storage of a weight converted from floats under this scheme."""
+        if not self.quantized:
+            return FLOAT
+        return Q4_1 if self.has_minimum else Q4_0
 
 
 QUANTIZATIONS = {
@@ -100,13 +128,20 @@ def get_quantization(name: str) -> Quantization:
         raise ValueError(f"unknown quantization {name!r}; known: {known}") from None
 
 
-@dataclasses.dataclass
-class PackedQ4:
-    """A 4-bit weight matrix as stored in a model folder."""
+def storage_of(config: ModelConfig, name: str) -> str:
+    """How the weight `name` (a linear layer or the embedding, by our parameter prefix) is stored:
+    as the model folder records it, else (folders from before per-tensor storage) the scheme's."""
+    return config.tensor_storage.get(name) or get_quantization(config.quantization).weight_storage
 
-    weight: np.ndarray  # uint32 [rows, cols // 8]
+
+@dataclasses.dataclass
+class PackedWeight:
+    """A quantized weight matrix as stored in a model folder."""
+
+    storage: str  # Q4_0, Q4_1 or Q8_0
+    weight: np.ndarray  # uint32 [rows, cols // codes_per_word(storage)]
     scale: np.ndarray  # [rows, cols // 32]
-    minimum: np.ndarray | None  # [rows, cols // 32], asymmetric schemes only
+    minimum: np.ndarray | None = None  # [rows, cols // 32], Q4_1 only
 
 
 def quantize_symmetric(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,12 +180,36 @@ def unpack_codes(words: np.ndarray) -> np.ndarray:
     return codes.reshape(words.shape[0], -1).astype(np.uint8)
 
 
-def dequantize(packed: PackedQ4) -> np.ndarray:
-    """The float32 matrix a packed 4-bit weight stands for."""
+def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round a float matrix to 8-bit groups as GGUF's Q8_0 does: (codes int8, scale float32)."""
+    rows, cols = w.shape
+    groups = w.astype(np.float32).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    scale = np.abs(groups).max(axis=-1) / 127.0
+    safe = np.where(scale == 0, 1.0, scale)[..., None]
+    codes = np.clip(np.rint(groups / safe), -127, 127).astype(np.int8)
+    return codes.reshape(rows, cols), scale.astype(np.float32)
+
+
+def pack_q8(codes: np.ndarray) -> np.ndarray:
+    """int8 codes [rows, cols] as uint32 words [rows, cols // 4], four codes to a word."""
+    return np.ascontiguousarray(codes, dtype=np.int8).view("<u4")
+
+
+def unpack_q8(words: np.ndarray) -> np.ndarray:
+    """Inverse of `pack_q8`."""
+    return np.ascontiguousarray(words, dtype="<u4").view(np.int8)
+
+
+def dequantize(packed: PackedWeight) -> np.ndarray:
+    """The float32 matrix a packed weight stands for."""
+    scale = packed.scale.astype(np.float32)[..., None]
+    if packed.storage == Q8_0:
+        codes = unpack_q8(packed.weight).astype(np.float32)
+        rows, cols = codes.shape
+        return (scale * codes.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)).reshape(rows, cols)
     codes = unpack_codes(packed.weight).astype(np.float32)
     rows, cols = codes.shape
     groups = codes.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
-    scale = packed.scale.astype(np.float32)[..., None]
     if packed.minimum is None:
         values = scale * (groups - 8.0)
     else:

@@ -122,7 +122,8 @@ class ModelRuntime:
         return built_for.get("column_block", 0)  # libraries from before blocks: rows
 
     def _load_params(self, model_folder: Path, column_block: int) -> list[tvm.runtime.Tensor]:
-        """The folder's weights in the definition's order, 4-bit arrays in the library's layout."""
+        """The folder's weights in the definition's order, quantized arrays in the library's
+        layout."""
         # Parameter order is the model definition's; building the module (not compiling) gives it.
         names = [name for name, _ in LlamaForCausalLM(self.config, None).named_parameters()]
         stored = load_file(str(model_folder / PARAMS_FILE))
@@ -131,7 +132,7 @@ class ModelRuntime:
             raise ValueError(f"{model_folder / PARAMS_FILE} lacks parameters: {missing[:5]}")
 
         def laid_out(name: str) -> np.ndarray:
-            if ".q4." not in name:
+            if ".q4." not in name and ".q8." not in name:
                 return stored[name]
             return to_storage_layout(stored[name], column_block)
 

@@ -1,7 +1,7 @@
 """CPU schedules for the compiled kernels, chosen by the kernel's structure, not by layer name.
 
 Matmuls (`NT_matmul` fed by a `dequantize` block, see `model/layers.py`):
-- 4-bit float32 ones on AVX2 run the int8-activation kernel of `q4_gemm.py`, whatever their row
+- 4-bit float32 ones on AVX2 run the int8-activation kernel of `int8_gemm.py`, whatever their row
   count, on weights in blocks of 16 columns.
 - the others (float weights, float16, no AVX2) get several schedules in one kernel, picked at
   run time by the number of rows (tokens) they multiply:
@@ -25,7 +25,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from mlc_engine.engine import q4_gemm
+from mlc_engine.engine import int8_gemm
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
 
@@ -190,9 +190,9 @@ def _row_count(func: tirx.PrimFunc) -> tirx.PrimExpr:
 
 def _schedule_matmul(func: tirx.PrimFunc, lanes: int, target: tvm.target.Target) -> tirx.PrimFunc:
     """One kernel holding a schedule per range of row counts, picked at run time."""
-    operands = q4_gemm.q4_operands(func, target)
+    operands = int8_gemm.operands(func, target)
     if operands is not None:
-        return func.with_body(q4_gemm.q4_matmul_body(func, operands))
+        return func.with_body(int8_gemm.matmul_body(func, operands))
     variants: list[tuple[int | None, tirx.Stmt]] = []
     for row_tile in GEMV_ROW_TILES:
         sch = s_tir.Schedule(func)

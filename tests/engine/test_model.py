@@ -14,16 +14,23 @@ import reference
 import tvm
 from conftest import CPU
 from safetensors.numpy import load_file
-from test_q4_gemm import int8_rounded
+from test_int8_gemm import int8_rounded
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.device import tvm_target
 from mlc_engine.common.errors import ModelLibraryError
-from mlc_engine.engine import q4_gemm
+from mlc_engine.engine import int8_gemm
 from mlc_engine.engine.compiler import METADATA_FUNCTION, compile_model
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.models import prepare_library
-from mlc_engine.engine.quantization import PackedQ4, dequantize, get_quantization
+from mlc_engine.engine.quantization import (
+    FLOAT,
+    Q8_0,
+    PackedWeight,
+    dequantize,
+    get_quantization,
+    storage_of,
+)
 from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 8]]
@@ -31,8 +38,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 
 
 def _kernel_rounding(quantization: str) -> Callable[[np.ndarray], np.ndarray]:
     """What the compiled model does to activations before its weight matmuls: on AVX2, 4-bit
-    float32 ones round them to int8 (`q4_gemm.py`); other matmuls keep them as they are."""
-    if q4_gemm.column_block(get_quantization(quantization), tvm_target(CPU)):
+    float32 ones round them to int8 (`int8_gemm.py`); other matmuls keep them as they are."""
+    if int8_gemm.column_block(get_quantization(quantization), tvm_target(CPU)):
         return int8_rounded
     return lambda x: x
 
@@ -47,12 +54,15 @@ def dequantized_hf_weights(folder, config: ModelConfig) -> dict[str, np.ndarray]
     params = load_file(str(folder / PARAMS_FILE))
 
     def matrix(name: str) -> np.ndarray:
-        if f"{name}.weight" in params:
+        storage = storage_of(config, name)
+        if storage == FLOAT:
             return params[f"{name}.weight"].astype(np.float32)
-        packed = PackedQ4(
-            params[f"{name}.q4.q_weight"],
-            params[f"{name}.q4.q_scale"],
-            params.get(f"{name}.q4.q_min"),
+        prefix = f"{name}.q{8 if storage == Q8_0 else 4}"
+        packed = PackedWeight(
+            storage,
+            params[f"{prefix}.q_weight"],
+            params[f"{prefix}.q_scale"],
+            params.get(f"{prefix}.q_min"),
         )
         return dequantize(packed)
 

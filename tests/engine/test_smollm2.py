@@ -44,7 +44,7 @@ def test_smollm2_batch_of_three_gives_each_sequence_its_own_logits(smollm2: Load
     prefill = runtime.prefill(kv, [0, 1, 2], prompts)
     decode = runtime.decode(kv, [0, 1, 2], [42, 42, 42])
     for i in range(3):
-        # Each row's activations are rounded on their own (q4_gemm.py, for any row count): the
+        # Each row's activations are rounded on their own (int8_gemm.py, for any row count): the
         # other sequences leave its logits as they were.
         for together, by_itself in zip((prefill[i], decode[i]), alone[i], strict=True):
             assert np.abs(together - by_itself).max() < 1e-5 * np.abs(by_itself).max()

@@ -1,4 +1,4 @@
-"""Linear and embedding layers whose weights are plain floats or packed 4-bit groups.
+"""Linear and embedding layers whose weights are plain floats or packed 4- or 8-bit groups.
 
 Matmuls are written as one reduction that reads the weight (dequantizing 4-bit codes in place),
 not as dequantize + transpose + matmul: the float weight is never materialized, and each matmul
@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import tvm
 from tvm import te, tirx, topi
 from tvm.relax.frontend import nn
 
 from mlc_engine.engine.quantization import (
     CODES_PER_WORD,
+    FLOAT,
     GROUP_SIZE,
+    Q4_1,
+    STORAGE_BITS,
     Quantization,
     blocked_shape,
+    codes_per_word,
 )
 
 # Block names the CPU schedule looks for.
@@ -41,6 +46,17 @@ def _q4_value(
     return _at(scale, row, group) * code + _at(minimum, row, group)
 
 
+def _q8_value(
+    weight: te.Tensor, scale: te.Tensor, row: tirx.PrimExpr, k: tirx.PrimExpr
+) -> tirx.PrimExpr:
+    """Element [row, k] of a packed 8-bit matrix: byte k % 4 of its word, sign-extended."""
+    word = _at(weight, row, k // 4)
+    # The byte shifted to the top of the word, then arithmetically back down.
+    top = word << ((3 - k % 4) * 8).astype("uint32")
+    code = tirx.reinterpret("int32", top) >> tirx.const(24, "int32")
+    return _at(scale, row, k // GROUP_SIZE) * code.astype(scale.dtype)
+
+
 def _at(array: te.Tensor, row: tirx.PrimExpr, column: tirx.PrimExpr) -> tirx.PrimExpr:
     """Element [row, column] of a 4-bit matrix's array, kept [rows, width] or in blocks of rows
     [rows / block, width, block] (see `quantization.blocked_shape`)."""
@@ -50,45 +66,49 @@ def _at(array: te.Tensor, row: tirx.PrimExpr, column: tirx.PrimExpr) -> tirx.Pri
     return array[row // block, column, row % block]
 
 
-class Q4Weight(nn.Module):
-    """A [rows, cols] weight matrix stored as packed 4-bit codes with per-group scales."""
+class QuantizedWeight(nn.Module):
+    """A [rows, cols] weight matrix stored as packed 4- or 8-bit codes with per-group scales
+    (and minimums, for `q4_1`)."""
 
-    def __init__(self, rows: int, cols: int, quant: Quantization) -> None:
-        words = blocked_shape((rows, cols // CODES_PER_WORD), quant.column_block)
+    def __init__(self, rows: int, cols: int, storage: str, quant: Quantization) -> None:
+        words = blocked_shape((rows, cols // codes_per_word(storage)), quant.column_block)
         groups = blocked_shape((rows, cols // GROUP_SIZE), quant.column_block)
         self.q_weight = nn.Parameter(words, "uint32")
         self.q_scale = nn.Parameter(groups, quant.dtype)
-        self.q_min = nn.Parameter(groups, quant.dtype) if quant.has_minimum else None
+        self.q_min = nn.Parameter(groups, quant.dtype) if storage == Q4_1 else None
 
     def tensors(self) -> list[nn.Tensor]:
         return [self.q_weight, self.q_scale] + ([self.q_min] if self.q_min is not None else [])
 
 
 def _value_reader(
-    w: te.Tensor, q: tuple[te.Tensor, ...]
+    w: te.Tensor, q: tuple[te.Tensor, ...], cols: tirx.PrimExpr
 ) -> Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]:
-    """(row, k) -> weight element, for a float weight or a 4-bit one (q = scale[, minimum])."""
+    """(row, k) -> weight element, for a float weight or a quantized one of `cols` columns
+    (q = scale[, minimum]; its words per row tell 8-bit codes from 4-bit)."""
     if not q:
         return lambda row, k: w[row, k]
+    if len(q) == 1 and tvm.sym.Analyzer().can_prove_equal(w.shape[1] * 4, cols):
+        return lambda row, k: _q8_value(w, q[0], row, k)
     minimum = q[1] if len(q) == 2 else None
     return lambda row, k: _q4_value(w, q[0], minimum, row, k)
 
 
-def _weight_args(weight: Q4Weight | nn.Tensor) -> list[nn.Tensor]:
-    return weight.tensors() if isinstance(weight, Q4Weight) else [weight]
+def _weight_args(weight: QuantizedWeight | nn.Tensor) -> list[nn.Tensor]:
+    return weight.tensors() if isinstance(weight, QuantizedWeight) else [weight]
 
 
-def matmul_nt(x: nn.Tensor, weight: Q4Weight | nn.Tensor, out_dtype: str) -> nn.Tensor:
-    """`x @ W.T` for W of shape [N, K] (float or 4-bit).
+def matmul_nt(x: nn.Tensor, weight: QuantizedWeight | nn.Tensor, out_dtype: str) -> nn.Tensor:
+    """`x @ W.T` for W of shape [N, K] (float or quantized).
 
     Two blocks: `dequantize` (W as floats, a plain copy for float weights) and the `NT_matmul`
     reduction. The CPU schedule inlines the first into the second for few rows, and stages
     tiles of it for many (see `schedule.py`)."""
 
     def compute(x: te.Tensor, w: te.Tensor, *q: te.Tensor) -> te.Tensor:
-        read = _value_reader(w, q)
-        rows = w.shape[0] * w.shape[2] if len(w.shape) == 3 else w.shape[0]
         cols = x.shape[-1]
+        read = _value_reader(w, q, cols)
+        rows = w.shape[0] * w.shape[2] if len(w.shape) == 3 else w.shape[0]
         weight = te.compute(
             (rows, cols), lambda n, k: read(n, k).astype(out_dtype), name=DEQUANTIZE_BLOCK
         )
@@ -102,11 +122,11 @@ def matmul_nt(x: nn.Tensor, weight: Q4Weight | nn.Tensor, out_dtype: str) -> nn.
     return nn.op.tensor_expr_op(compute, MATMUL_BLOCK, [x, *_weight_args(weight)])
 
 
-def take_rows(weight: Q4Weight | nn.Tensor, ids: nn.Tensor, cols: int) -> nn.Tensor:
+def take_rows(weight: QuantizedWeight | nn.Tensor, ids: nn.Tensor, cols: int) -> nn.Tensor:
     """Rows `ids` of W as floats (an embedding lookup)."""
 
     def compute(index: te.Tensor, w: te.Tensor, *q: te.Tensor) -> te.Tensor:
-        read = _value_reader(w, q)
+        read = _value_reader(w, q, cols)
         dtype = q[0].dtype if q else w.dtype
         return te.compute(
             (index.shape[0], cols), lambda n, k: read(index[n], k).astype(dtype), name="take"
@@ -115,19 +135,31 @@ def take_rows(weight: Q4Weight | nn.Tensor, ids: nn.Tensor, cols: int) -> nn.Ten
     return nn.op.tensor_expr_op(compute, "take", [ids, *_weight_args(weight)])
 
 
-class Linear(nn.Module):
-    """`y = x @ W.T (+ b)` with W float or 4-bit, laid out [out_features, in_features]."""
+def _packed_name(storage: str) -> str:
+    return f"q{STORAGE_BITS[storage]}"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, quant: Quantization):
+
+class Linear(nn.Module):
+    """`y = x @ W.T (+ b)` with W stored as `storage` (`quantization.STORAGES`), laid out
+    [out_features, in_features]. Its parameters are `weight` for floats, else `q4.*` or `q8.*`."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, quant: Quantization, storage: str
+    ):
         self.dtype = quant.dtype
-        if quant.quantized:
-            self.q4 = Q4Weight(out_features, in_features, quant)
-        else:
+        self.storage = storage
+        if storage == FLOAT:
             self.weight = nn.Parameter((out_features, in_features), quant.dtype)
+        else:
+            # The attribute's name is the parameters' prefix in the model folder.
+            packed = QuantizedWeight(out_features, in_features, storage, quant)
+            setattr(self, _packed_name(storage), packed)
         self.bias = nn.Parameter((out_features,), quant.dtype) if bias else None
 
-    def _weight(self) -> Q4Weight | nn.Tensor:
-        return self.q4 if hasattr(self, "q4") else self.weight
+    def _weight(self) -> QuantizedWeight | nn.Tensor:
+        if self.storage == FLOAT:
+            return self.weight
+        return getattr(self, _packed_name(self.storage))
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = matmul_nt(x, self._weight(), self.dtype)
@@ -137,8 +169,8 @@ class Linear(nn.Module):
 class Embedding(Linear):
     """Token embedding table [vocab, hidden], usable as the tied lm_head too."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, quant: Quantization):
-        super().__init__(hidden_size, vocab_size, False, quant)
+    def __init__(self, vocab_size: int, hidden_size: int, quant: Quantization, storage: str):
+        super().__init__(hidden_size, vocab_size, False, quant, storage)
         self.hidden_size = hidden_size
 
     def forward(self, ids: nn.Tensor) -> nn.Tensor:

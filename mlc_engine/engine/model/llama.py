@@ -2,6 +2,8 @@
 
 Qwen2 is a Llama with a bias on the q/k/v projection, so one definition serves both. The
 projections are fused as in MLC: q, k and v into `qkv_proj`, gate and up into `gate_up_proj`.
+Each weight is built in the storage the model folder records for it, by its parameter prefix
+(`quantization.storage_of`).
 """
 
 from __future__ import annotations
@@ -16,20 +18,32 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.target import Target
 
 from mlc_engine.common.config import ModelConfig
-from mlc_engine.engine import q4_gemm
+from mlc_engine.engine import int8_gemm
 from mlc_engine.engine.model.kv_cache import create_paged_kv_cache
 from mlc_engine.engine.model.layers import Embedding, Linear, swiglu
-from mlc_engine.engine.quantization import Quantization, get_quantization
+from mlc_engine.engine.quantization import Quantization, get_quantization, storage_of
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, quant: Quantization):
+    def __init__(self, config: ModelConfig, quant: Quantization, prefix: str):
         self.head_dim = config.head_dim
         self.num_q_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, qkv_rows, config.attention_bias, quant)
-        self.o_proj = Linear(self.num_q_heads * self.head_dim, config.hidden_size, False, quant)
+        self.qkv_proj = Linear(
+            config.hidden_size,
+            qkv_rows,
+            config.attention_bias,
+            quant,
+            storage_of(config, f"{prefix}.qkv_proj"),
+        )
+        self.o_proj = Linear(
+            self.num_q_heads * self.head_dim,
+            config.hidden_size,
+            False,
+            quant,
+            storage_of(config, f"{prefix}.o_proj"),
+        )
         self.dtype, self.kv_dtype = quant.dtype, quant.kv_dtype
 
     def forward(self, x: nn.Tensor, kv_cache: PagedKVCache, layer_id: int) -> nn.Tensor:
@@ -44,20 +58,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, quant: Quantization):
-        size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * size, False, quant)
-        self.down_proj = Linear(size, config.hidden_size, False, quant)
+    def __init__(self, config: ModelConfig, quant: Quantization, prefix: str):
+        size, hidden = config.intermediate_size, config.hidden_size
+        gate_up, down = (
+            storage_of(config, f"{prefix}.{name}") for name in ("gate_up_proj", "down_proj")
+        )
+        self.gate_up_proj = Linear(hidden, 2 * size, False, quant, gate_up)
+        self.down_proj = Linear(size, hidden, False, quant, down)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, quant: Quantization):
+    def __init__(self, config: ModelConfig, quant: Quantization, prefix: str):
         eps = config.rms_norm_eps
-        self.self_attn = Attention(config, quant)
-        self.mlp = MLP(config, quant)
+        self.self_attn = Attention(config, quant, f"{prefix}.self_attn")
+        self.mlp = MLP(config, quant, f"{prefix}.mlp")
         hidden, dtype = config.hidden_size, quant.dtype
         self.input_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
         self.post_attention_layernorm = nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
@@ -69,9 +86,17 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, quant: Quantization):
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, quant)
+        self.embed_tokens = Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            quant,
+            storage_of(config, "model.embed_tokens"),
+        )
         self.layers = nn.ModuleList(
-            [DecoderLayer(config, quant) for _ in range(config.num_hidden_layers)]
+            [
+                DecoderLayer(config, quant, f"model.layers.{i}")
+                for i in range(config.num_hidden_layers)
+            ]
         )
         self.norm = nn.RMSNorm(
             config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=quant.dtype
@@ -92,7 +117,7 @@ class LlamaForCausalLM(nn.Module):
         layout). `kv_dtype`: the KV cache's dtype, if not the quantization's default."""
         quant = dataclasses.replace(get_quantization(config.quantization), kv_cache_dtype=kv_dtype)
         if target is not None:
-            quant = dataclasses.replace(quant, column_block=q4_gemm.column_block(quant, target))
+            quant = dataclasses.replace(quant, column_block=int8_gemm.column_block(quant, target))
         self.quant = quant
         self.rope_scaling = _rope_scaling(config)
         self.config = config
@@ -102,7 +127,13 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, False, quant)
+            else Linear(
+                config.hidden_size,
+                config.vocab_size,
+                False,
+                quant,
+                storage_of(config, "lm_head"),
+            )
         )
 
     def _logits(self, hidden: nn.Tensor) -> nn.Tensor:

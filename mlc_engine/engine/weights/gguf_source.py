@@ -78,7 +78,9 @@ def load_gguf(path: Path) -> ModelSource:
     config = _config(reader, arch, tensors, path)
     has_vocab = "tokenizer.ggml.tokens" in reader.fields
     tokenizer_json = tokenizer_json_from_reader(reader) if has_vocab else None
-    return ModelSource(config=config, tensors=tensors, tokenizer_json=tokenizer_json, path=path)
+    return ModelSource(
+        config=config, tensors=tensors, tokenizer_json=tokenizer_json, path=path, keeps_storage=True
+    )
 
 
 def undo_rope_interleave(rows: np.ndarray, n_head: int) -> np.ndarray:

@@ -69,10 +69,20 @@ class SourceTensor:
             bits = np.asarray(self.data).view(np.uint16).astype(np.uint32) << 16
             return bits.view(np.float32).reshape(self.shape)
         if self.kind == "Q8_0":
-            blocks = self._blocks()
-            values = blocks[..., 2:].view(np.int8).astype(np.float32) * _half(blocks, 0)[..., None]
+            codes, scale = self.q8_blocks()
+            rows = codes.shape[0]
+            values = codes.reshape(rows, -1, BLOCK).astype(np.float32) * scale[..., None]
             return values.reshape(self.shape)
         return self.q4_blocks().to_float32().reshape(self.shape)
+
+    def q8_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """A Q8_0 tensor's codes (int8 [rows, cols]) and scales (float32 [rows, cols // 32]),
+        exactly as stored."""
+        if self.kind != "Q8_0":
+            raise ValueError(f"{self.name} is {self.kind}, not Q8_0")
+        blocks = self._blocks()
+        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
+        return codes.reshape(blocks.shape[0], -1), _half(blocks, 0)
 
     def q4_blocks(self) -> Q4Blocks:
         """The stored 4-bit codes, scales and minimums of a Q4_0/Q4_1 tensor, exactly as stored."""
@@ -106,6 +116,9 @@ class ModelSource:
     tensors: dict[str, SourceTensor]
     tokenizer_json: str | None  # tokenizer.json's text (built from the vocab for GGUF)
     path: Path
+    # Whether each tensor's encoding was chosen by whoever quantized the file (GGUF), and is
+    # kept where it holds more than the scheme; a float checkpoint's is not (safetensors).
+    keeps_storage: bool = False
 
 
 def stop_token_ids(

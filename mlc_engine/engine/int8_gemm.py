@@ -1,7 +1,7 @@
-"""4-bit float32 matmuls on x86 AVX2, with the activations rounded to int8.
+"""4- and 8-bit float32 matmuls on x86 AVX2, with the activations rounded to int8.
 
-Every 4-bit float32 matmul of a library for AVX2 runs here (`schedule.py`): decode steps, alone
-or batched, and prefill chunks. The float schedules turn every 4-bit code into a float and
+Every quantized float32 matmul of a library for AVX2 runs here (`schedule.py`): decode steps,
+alone or batched, and prefill chunks. The float schedules turn every 4-bit code into a float and
 multiply it in, 8 products per FMA. Here each row's 32 activations of a quantization group are
 rounded to int8 against the group's largest magnitude, as llama.cpp does on CPUs (within 1/254
 of it), and meet the codes in `vpmaddubsw`, 32 products (unsigned codes by signed activations)
@@ -24,6 +24,13 @@ A group puts 16 products into each int16 lane (4 words, their even and odd codes
 16 * 15 * 127 = 30480 < 2^15, so they are added as int16 and widened (`vpmaddwd` by ones) once
 per group, then scaled in float.
 
+8-bit weights (GGUF's Q8_0: `w = scale * code`, codes signed) come four codes to a word, so a
+load gives 4 consecutive codes of each of 8 columns, and they meet a broadcast of the row's 4
+matching activations as llama.cpp's q8_0 dot does: `vpmaddubsw` multiplies unsigned by signed
+bytes, so the activations go in as magnitudes (`|xq|`, kept beside `xq`) and the codes take
+their signs (`vpsignb`). Two such products reach 2 * 127 * 128, so each word's int16 sums are
+widened at once, and a group's are added as int32.
+
 Rows go through in tiles of 4 (their int16 sums and float accumulators, one register each, with
 the codes and a broadcast, fill the 16 AVX2 registers; 3 to 6 rows ran as fast), then the rest
 in tiles of 2 and 1. (Tiles over both column registers of a block ran a single row 1.2x faster
@@ -40,27 +47,22 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
-from mlc_engine.engine.quantization import (
-    CODES_PER_WORD,
-    COLUMN_BLOCK,
-    GROUP_SIZE,
-    Quantization,
-)
+from mlc_engine.engine.quantization import COLUMN_BLOCK, GROUP_SIZE, Quantization
 
 LARGEST_CODE = 127  # int8 activations
 ROW_TILE = 4
 # From this many rows, the activations are rounded in parallel (at fewer, a launch costs more).
 PARALLEL_ROUNDING_ROWS = 4
 LANES = 8  # int32 / float32 lanes of an AVX2 register
-WORDS_PER_GROUP = GROUP_SIZE // CODES_PER_WORD
-# The order of a word's activations: its even codes (low nibbles of its bytes), then its odd.
+# The order of a 4-bit word's activations: its even codes (low nibbles of its bytes), then its
+# odd. 8-bit words keep theirs in order.
 WORD_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 RESIDUAL_BLOCK = "T_add"
 
 
 def column_block(quant: Quantization, target: tvm.target.Target) -> int:
-    """The 4-bit layout a library for `target` asks for: blocks of COLUMN_BLOCK columns where
-    this kernel runs (float32 4-bit matmuls on AVX2), else 0 (row by row)."""
+    """The layout of quantized arrays a library for `target` asks for: blocks of COLUMN_BLOCK
+    columns where this kernel runs (float32 quantized matmuls on AVX2), else 0 (row by row)."""
     from tvm.target import codegen
 
     if not quant.quantized or quant.dtype != "float32" or target.kind.name != "llvm":
@@ -69,20 +71,29 @@ def column_block(quant: Quantization, target: tvm.target.Target) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Q4Operands:
-    """The shape of a 4-bit float32 matmul this kernel can stand in for."""
+class Operands:
+    """The shape of a quantized float32 matmul this kernel can stand in for."""
 
     rows: tirx.PrimExpr  # rows of x (a constant, or symbolic)
     k: int
     n: int
+    bits: int  # of a weight code: 4 or 8
     has_minimum: bool
     has_residual: bool
 
+    @property
+    def codes_per_word(self) -> int:
+        return 32 // self.bits
 
-def q4_operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Q4Operands | None:
-    """What the kernel needs to know of `func`, when it is a matmul of float32 rows by a 4-bit
-    matrix in blocks of COLUMN_BLOCK columns (of constant shape), optionally plus a residual,
-    on AVX2; else None."""
+    @property
+    def words_per_group(self) -> int:
+        return GROUP_SIZE // self.codes_per_word
+
+
+def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
+    """What the kernel needs to know of `func`, when it is a matmul of float32 rows by a 4- or
+    8-bit matrix in blocks of COLUMN_BLOCK columns (of constant shape), optionally plus a
+    residual, on AVX2; else None."""
     from tvm.target import codegen
 
     if not codegen.llvm_cpu_has_features(["avx2"], target):
@@ -106,27 +117,35 @@ def q4_operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Q4Operands | 
         return None
     if any(str(p.dtype) != "float32" for p in params if not p.same_as(packed)):
         return None
+    if not all(isinstance(d, tirx.IntImm) for p in [*weights, x] for d in p.shape[-1:]):
+        return None
     if not all(isinstance(d, tirx.IntImm) for p in weights for d in p.shape):
         return None
     if len(packed.shape) != 3 or int(packed.shape[2]) != COLUMN_BLOCK:
         return None
     blocks_of_columns, words, _ = (int(d) for d in packed.shape)
+    k = int(x.shape[-1])
+    bits = 32 * words // k
+    if bits not in (4, 8) or (bits == 8 and len(weights) != 2):
+        return None
     # The kernel declares x, codes, scale, [minimum], [residual], out: the weights in the order
-    # `Q4Weight.tensors()` passes them.
-    operands = params[1 : 1 + len(weights)]
-    if not operands[0].same_as(packed) or {p.name for p in operands} != {b.name for b in weights}:
+    # `QuantizedWeight.tensors()` passes them.
+    weight_params = params[1 : 1 + len(weights)]
+    if not weight_params[0].same_as(packed) or {p.name for p in weight_params} != {
+        b.name for b in weights
+    }:
         return None
     rows: tirx.PrimExpr = tirx.IntImm("int64", 1)
     for d in x.shape[:-1]:
         rows = rows * d.astype("int64")
     rows = tvm.sym.Analyzer().simplify(rows)
-    n, k = blocks_of_columns * COLUMN_BLOCK, words * CODES_PER_WORD
-    return Q4Operands(rows, k, n, len(weights) == 3, has_residual)
+    n = blocks_of_columns * COLUMN_BLOCK
+    return Operands(rows, k, n, bits, len(weights) == 3, has_residual)
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
-    """Whether `func` is a 4-bit float32 matmul (plus residual) this kernel serves."""
-    return q4_operands(func, target) is not None
+    """Whether `func` is a quantized float32 matmul (plus residual) this kernel serves."""
+    return operands(func, target) is not None
 
 
 def _tree(
@@ -143,39 +162,72 @@ def _largest_at(x: tirx.Buffer, start: tirx.PrimExpr) -> tirx.PrimExpr:
     return _tree(tirx.max, [tirx.abs(x[start + j]) for j in range(GROUP_SIZE)])
 
 
-def q4_matmul_body(func: tirx.PrimFunc, operands: Q4Operands) -> tirx.Stmt:
-    """The kernel's body over `func`'s own parameters (`operands`: what `q4_operands` found
-    in it), for any number of rows."""
+def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
+    """The kernel's body over `func`'s own parameters (`operands`: what `operands()` found in
+    it), for any number of rows."""
     rows, k, n = operands.rows, operands.k, operands.n
     has_minimum, has_residual = operands.has_minimum, operands.has_residual
+    eight_bit = operands.bits == 8
+    per_word = operands.codes_per_word
+    words_per_group = operands.words_per_group
+    word_order = list(range(per_word)) if eight_bit else WORD_ORDER
     pmaddwd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     pmaddubsw = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
+    psignb = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b")
     params = list(func.params)
     x_param, codes_param, scale_param = params[:3]
     minimum_param = params[3] if has_minimum else scale_param
     out_param = params[-1]
     residual_param = params[-2] if has_residual else out_param
     groups = k // GROUP_SIZE
-    words = k // CODES_PER_WORD
+    words = k // per_word
     m = rows.astype("int32")
     registers = COLUMN_BLOCK // LANES
 
     def lanes(start: tirx.PrimExpr) -> tirx.PrimExpr:
         return T.ramp(start, 1, LANES)
 
+    def broadcast_bytes(quad):
+        """4 int8 activations (one int32) in every lane, as 32 bytes."""
+        return T.reinterpret("int8x32", T.Broadcast(quad, LANES))
+
+    def weight_word(codes, block, g, w, c):
+        """Word w of group g for the 8 columns c of the block."""
+        return codes[lanes((block * words + g * words_per_group + w) * COLUMN_BLOCK + c * LANES)]
+
+    def quad_at(r, g, w, odd):
+        """The index, in 4-byte units, of the 4 activations meeting a word's (odd) codes."""
+        return (r * k + g * GROUP_SIZE + w * per_word) // 4 + odd
+
     def quad_products(codes, xq32, block, g, w, c, odd, row):
-        """vpmaddubsw of one word's even (or odd) codes for 8 columns with the row's 4 matching
-        int8 activations: two int16 sums of two products per column."""
-        word = codes[lanes((block * words + g * WORDS_PER_GROUP + w) * COLUMN_BLOCK + c * LANES)]
+        """vpmaddubsw of one 4-bit word's even (or odd) codes for 8 columns with the row's 4
+        matching int8 activations: two int16 sums of two products per column."""
+        word = weight_word(codes, block, g, w, c)
         if odd:
             word = T.shift_right(word, T.Broadcast(T.uint32(4), LANES))
         nibbles = T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), LANES))
-        quad = xq32[(row * k + g * GROUP_SIZE + w * CODES_PER_WORD) // 4 + odd]
         return T.call_llvm_pure_intrin(
             "int16x16",
             pmaddubsw,
             T.reinterpret("int8x32", nibbles),
-            T.reinterpret("int8x32", T.Broadcast(quad, LANES)),
+            broadcast_bytes(xq32[quad_at(row, g, w, odd)]),
+        )
+
+    def signed_products(codes, xq32, block, g, w, c, row):
+        """One 8-bit word's 4 codes for 8 columns times the row's 4 matching activations: one
+        int32 sum per column (|x| by the code with x's sign, as vpmaddubsw wants it; the
+        magnitudes follow the activations in xq, `m * k` bytes on)."""
+        signed = T.call_llvm_pure_intrin(
+            "int8x32",
+            psignb,
+            T.reinterpret("int8x32", weight_word(codes, block, g, w, c)),
+            broadcast_bytes(xq32[quad_at(row, g, w, 0)]),
+        )
+        pairs = T.call_llvm_pure_intrin(
+            "int16x16", pmaddubsw, broadcast_bytes(xq32[m * k // 4 + quad_at(row, g, w, 0)]), signed
+        )
+        return T.call_llvm_pure_intrin(
+            "int32x8", pmaddwd, pairs, T.Broadcast(T.int16(1), 2 * LANES)
         )
 
     # In the kernel, names bound to expressions become variables stored in memory (allocated per
@@ -205,8 +257,19 @@ def q4_matmul_body(func: tirx.PrimFunc, operands: Q4Operands) -> tirx.Stmt:
         return r * k + g * GROUP_SIZE
 
     @T.macro
-    def row_tile(buffers, block, c, r0, tile):
-        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block."""
+    def store_tile(out, residual, acc, block, c, r0, tile):
+        """The tile's accumulators into out (plus the residual, where there is one)."""
+        for r in T.unroll(tile):
+            if has_residual:
+                out[out_lanes(block, c, r0 + r)] = (
+                    residual[out_lanes(block, c, r0 + r)] + acc[lanes(r * LANES)]
+                )
+            else:
+                out[out_lanes(block, c, r0 + r)] = acc[lanes(r * LANES)]
+
+    @T.macro
+    def row_tile_4bit(buffers, block, c, r0, tile):
+        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, 4-bit codes."""
         codes, scale, minimum, xq32, x_scale, x_sum, out, residual = buffers
         acc = T.alloc_buffer((tile * LANES,), "float32")
         dots = T.alloc_buffer((tile * 2 * LANES,), "int16")
@@ -215,7 +278,7 @@ def q4_matmul_body(func: tirx.PrimFunc, operands: Q4Operands) -> tirx.Stmt:
         for g in range(groups):
             for r in T.unroll(tile):
                 dots[dot_lanes(r)] = T.Broadcast(T.int16(0), 2 * LANES)
-            for w in range(WORDS_PER_GROUP):
+            for w in range(words_per_group):
                 for r in T.unroll(tile):
                     dots[dot_lanes(r)] = (
                         dots[dot_lanes(r)]
@@ -233,18 +296,39 @@ def q4_matmul_body(func: tirx.PrimFunc, operands: Q4Operands) -> tirx.Stmt:
                     + offsets(scale, minimum, block, g, c)
                     * T.Broadcast(x_sum[(r0 + r) * groups + g], LANES)
                 )
+        store_tile(out, residual, acc, block, c, r0, tile)
+
+    @T.macro
+    def row_tile_8bit(buffers, block, c, r0, tile):
+        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, 8-bit codes."""
+        codes, scale, minimum, xq32, x_scale, x_sum, out, residual = buffers
+        acc = T.alloc_buffer((tile * LANES,), "float32")
+        dots = T.alloc_buffer((tile * LANES,), "int32")
         for r in T.unroll(tile):
-            if has_residual:
-                out[out_lanes(block, c, r0 + r)] = (
-                    residual[out_lanes(block, c, r0 + r)] + acc[lanes(r * LANES)]
+            acc[lanes(r * LANES)] = T.Broadcast(T.float32(0), LANES)
+        for g in range(groups):
+            for r in T.unroll(tile):
+                dots[lanes(r * LANES)] = T.Broadcast(T.int32(0), LANES)
+            for w in range(words_per_group):
+                for r in T.unroll(tile):
+                    dots[lanes(r * LANES)] = dots[lanes(r * LANES)] + signed_products(
+                        codes, xq32, block, g, w, c, r0 + r
+                    )
+            for r in T.unroll(tile):
+                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.Cast(
+                    "float32x8", dots[lanes(r * LANES)]
+                ) * (
+                    scale[group_lanes(block, g, c)]
+                    * T.Broadcast(x_scale[(r0 + r) * groups + g], LANES)
                 )
-            else:
-                out[out_lanes(block, c, r0 + r)] = acc[lanes(r * LANES)]
+        store_tile(out, residual, acc, block, c, r0, tile)
+
+    row_tile = row_tile_8bit if eight_bit else row_tile_4bit
 
     @T.macro
     def round_group(buffers, r, g):
-        """Group g of row r rounded to int8 (`xq`, in WORD_ORDER per word), with its scale
-        and the sum of its rounded values."""
+        """Group g of row r rounded to int8 (`xq`, each word's in `word_order`), with its scale,
+        and the sum of its rounded values (4-bit) or their magnitudes (8-bit, `m * k` on)."""
         x, xq, x_scale, x_sum = buffers
         largest = T.alloc_buffer((1,), "float32")
         x_inverse = T.alloc_buffer((1,), "float32")
@@ -253,27 +337,32 @@ def q4_matmul_body(func: tirx.PrimFunc, operands: Q4Operands) -> tirx.Stmt:
         x_inverse[0] = T.if_then_else(  # 0 for a group of zeros
             largest[0] > 0, T.float32(LARGEST_CODE) / largest[0], 0.0
         )
-        for w in range(WORDS_PER_GROUP):
-            xq[T.ramp(group_start(r, g) + w * CODES_PER_WORD, 1, CODES_PER_WORD)] = T.Cast(
-                "int8x8",
+        for w in range(words_per_group):
+            xq[T.ramp(group_start(r, g) + w * per_word, 1, per_word)] = T.Cast(
+                f"int8x{per_word}",
                 T.round(
                     T.Shuffle(
-                        [x[T.ramp(group_start(r, g) + w * CODES_PER_WORD, 1, CODES_PER_WORD)]],
-                        WORD_ORDER,
+                        [x[T.ramp(group_start(r, g) + w * per_word, 1, per_word)]],
+                        word_order,
                     )
-                    * T.Broadcast(x_inverse[0], CODES_PER_WORD)
+                    * T.Broadcast(x_inverse[0], per_word)
                 ),
             )
-        # The sum of the rounded activations, so that the result is exactly that of the
-        # rounded row (as llama.cpp's); the sum of x itself would leave the codes' offset
-        # out of the rounding error, which grows it (codes are all positive).
-        x_sum[r * groups + g] = x_scale[r * groups + g] * T.Cast(
-            "float32",
-            _tree(
-                T.Add,
-                [T.Cast("int32", xq[group_start(r, g) + i]) for i in range(GROUP_SIZE)],
-            ),
-        )
+        if eight_bit:
+            xq[T.ramp(m * k + group_start(r, g), 1, GROUP_SIZE)] = T.abs(
+                xq[T.ramp(group_start(r, g), 1, GROUP_SIZE)]
+            )
+        else:
+            # The sum of the rounded activations, so that the result is exactly that of the
+            # rounded row (as llama.cpp's); the sum of x itself would leave the codes' offset
+            # out of the rounding error, which grows it (codes are all positive).
+            x_sum[r * groups + g] = x_scale[r * groups + g] * T.Cast(
+                "float32",
+                _tree(
+                    T.Add,
+                    [T.Cast("int32", xq[group_start(r, g) + i]) for i in range(GROUP_SIZE)],
+                ),
+            )
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel():
@@ -283,8 +372,9 @@ def q4_matmul_body(func: tirx.PrimFunc, operands: Q4Operands) -> tirx.Stmt:
         minimum = T.decl_buffer((n * groups,), "float32", data=minimum_param.data)
         out = T.decl_buffer((m * n,), "float32", data=out_param.data)
         residual = T.decl_buffer((m * n,), "float32", data=residual_param.data)
-        xq = T.alloc_buffer((m * k,), "int8")
-        xq32 = T.decl_buffer((m * k // 4,), "int32", data=xq.data)
+        # The rounded activations, and for 8-bit weights their magnitudes after them.
+        xq = T.alloc_buffer((m * k * (2 if eight_bit else 1),), "int8")
+        xq32 = T.decl_buffer((m * k // 4 * (2 if eight_bit else 1),), "int32", data=xq.data)
         x_scale = T.alloc_buffer((m * groups,), "float32")
         x_sum = T.alloc_buffer((m * groups,), "float32")
         buffers = (x, xq, x_scale, x_sum)
