@@ -28,8 +28,10 @@ from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.device import Device, tvm_device, tvm_target
 from mlc_engine.engine.compiler import compile_model
 from mlc_engine.engine.convert import convert
+from mlc_engine.engine.greedy import GreedySession
 from mlc_engine.engine.models import default_model_gguf, prepare_library, prepare_model
 from mlc_engine.engine.runtime import ModelRuntime
+from mlc_engine.frontend.text import ChatTemplate, IncrementalDetokenizer, Tokenizer
 
 CPU = Device("cpu")
 SMOLLM2_GGUF = default_model_gguf()
@@ -171,6 +173,18 @@ def smollm2() -> LoadedModel:
     folder = prepare_model(None, CPU)
     lib = prepare_library(folder, CPU)
     return LoadedModel(folder, ModelRuntime(lib, folder, tvm_device(CPU)), {})
+
+
+def greedy_reply(model: LoadedModel, messages: list[dict[str, str]], max_tokens: int) -> str:
+    """The greedy reply to a conversation, computed in this process as `mlc-engine chat` and
+    `generate` compute it."""
+    tokenizer = Tokenizer.from_folder(model.folder, model.config)
+    template = ChatTemplate.from_config(model.config, tokenizer)
+    ids = tokenizer.encode(template.render(messages))
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    session = GreedySession(model.runtime)
+    tokens = session.generate(ids, max_tokens, tokenizer.eos_token_ids)
+    return "".join(detokenizer.push([token]) for token in tokens) + detokenizer.flush()
 
 
 @pytest.fixture(scope="session")

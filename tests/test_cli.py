@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import LoadedModel
+from conftest import LoadedModel, greedy_reply
 
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -23,19 +23,29 @@ def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_answers_with_the_default_model(smollm2: LoadedModel) -> None:
-    result = _cli("generate", "What is the capital of France?", "--device", "cpu")
+    question = "What is the capital of France?"
+    result = _cli("generate", question, "--device", "cpu", "--max-tokens", "24")
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    expected = greedy_reply(smollm2, [{"role": "user", "content": question}], 24)
+    assert result.stdout == expected + "\n"
+    # A continuation whose next token wins by a margin test_smollm2 measures and asserts.
+    result = _cli("generate", "--raw", "The capital of France is", "--max-tokens", "1")
+    assert result.stdout.strip() == "Paris", result.stderr
 
 
 def test_chat_keeps_the_conversation_across_turns(smollm2: LoadedModel) -> None:
-    turns = "What is the capital of France?\nAnd of Germany?\n/exit\n"
-    result = _cli("chat", "--device", "cpu", stdin=turns)
+    turns = ["What is the capital of France?", "And of Germany?"]
+    result = _cli(
+        "chat", "--device", "cpu", "--max-tokens", "24", stdin="\n".join(turns) + "\n/exit\n"
+    )
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.strip().split("\n")
-    assert "Paris" in first
-    # "And of Germany?" only makes sense with the first turn in context.
-    assert "Berlin" in second
+    messages = [{"role": "user", "content": turns[0]}]
+    assert first == greedy_reply(smollm2, messages, 24)
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": turns[1]}]
+    assert second == greedy_reply(smollm2, messages, 24)
+    # The second answer depends on the first turn: alone, the question gets another one.
+    assert second != greedy_reply(smollm2, messages[-1:], 24)
 
 
 def test_a_missing_device_is_named_in_one_line() -> None:
