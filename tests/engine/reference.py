@@ -52,9 +52,11 @@ def forward(
     tokens: list[int],
     rounded: Callable[[np.ndarray], np.ndarray] = lambda x: x,
     kv_dtype: str = "float32",
+    rounds: Callable[[str], bool] = lambda weight: True,
 ) -> np.ndarray:
     """Logits [len(tokens), vocab] after each token of one sequence. `rounded` is applied to the
-    activations that go into each weight matmul (as a kernel that rounds them would). With a
+    activations that go into each weight matmul (as a kernel that rounds them would), of the
+    weights (by name) that `rounds` picks. With a
     float16 `kv_dtype`, q, k and v are rounded to it before RoPE and after (the cache's kernels
     take and give that dtype), and so is the attention's output."""
 
@@ -63,16 +65,21 @@ def forward(
 
     c = config
     w = weights
+
+    def into(x: np.ndarray, weight: str) -> np.ndarray:
+        return rounded(x) if rounds(weight) else x
+
     positions = np.arange(len(tokens))
     x = w["model.embed_tokens.weight"][tokens].astype(np.float32)
     n, hq, hkv, d = len(tokens), c.num_attention_heads, c.num_key_value_heads, c.head_dim
     causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), k=1)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
-        h = rounded(_rms_norm(x, w[f"{p}.input_layernorm.weight"], c.rms_norm_eps))
+        h = _rms_norm(x, w[f"{p}.input_layernorm.weight"], c.rms_norm_eps)
         proj = {}
         for name in "qkv":
-            out = h @ w[f"{p}.self_attn.{name}_proj.weight"].T
+            weight = f"{p}.self_attn.{name}_proj.weight"
+            out = into(h, weight) @ w[weight].T
             bias = w.get(f"{p}.self_attn.{name}_proj.bias")
             proj[name] = out + bias if bias is not None else out
         proj = {name: in_cache(value) for name, value in proj.items()}
@@ -86,11 +93,12 @@ def forward(
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
         attn = in_cache(np.einsum("hqk,khd->qhd", probs, v).reshape(n, hq * d))
-        x = x + rounded(attn) @ w[f"{p}.self_attn.o_proj.weight"].T
-        h = rounded(_rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps))
-        gate = h @ w[f"{p}.mlp.gate_proj.weight"].T
-        up = h @ w[f"{p}.mlp.up_proj.weight"].T
-        x = x + rounded(gate / (1.0 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+        o_proj, down = f"{p}.self_attn.o_proj.weight", f"{p}.mlp.down_proj.weight"
+        x = x + into(attn, o_proj) @ w[o_proj].T
+        h = _rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], c.rms_norm_eps)
+        gate, up = (f"{p}.mlp.{name}_proj.weight" for name in ("gate", "up"))
+        gate, up = into(h, gate) @ w[gate].T, into(h, up) @ w[up].T
+        x = x + into(gate / (1.0 + np.exp(-gate)) * up, down) @ w[down].T
     x = _rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
-    head = w["model.embed_tokens.weight"] if c.tie_word_embeddings else w["lm_head.weight"]
-    return rounded(x) @ head.T
+    head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+    return into(x, head) @ w[head].T

@@ -44,6 +44,20 @@ def _kernel_rounding(quantization: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: x
 
 
+def _rounded_weights(config: ModelConfig) -> Callable[[str], bool]:
+    """Which weights (by Hugging Face name) the int8 kernel serves: the quantized ones, by the
+    storage the model folder records for their (fused) parameter."""
+    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj"}
+    fused |= {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+    def rounds(weight: str) -> bool:
+        *prefix, part, _ = weight.split(".")
+        ours = ".".join([*prefix, fused.get(part, part)])
+        return storage_of(config, ours) != FLOAT
+
+    return rounds
+
+
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
@@ -101,6 +115,7 @@ def _check_against_reference(  # noqa: ANN001
     `tolerance` of the reference's (which rounds activations as the kernels do)."""
     runtime, config = model.runtime, model.config
     rounded = _kernel_rounding(quantization)
+    rounds = _rounded_weights(config)
     kv_dtype = kv_dtype or get_quantization(quantization).kv_dtype
     kv = runtime.create_kv_cache(4, 512, 128)
     # Long enough for RoPE scaling (original context 16 in the llama3 variant) to matter.
@@ -108,19 +123,19 @@ def _check_against_reference(  # noqa: ANN001
     for seq_id, prompt in enumerate(prompts):
         kv.add_sequence(seq_id)
         logits = runtime.prefill(kv, [seq_id], [prompt], all_logits=True)
-        expected = reference.forward(weights, config, prompt, rounded, kv_dtype)
+        expected = reference.forward(weights, config, prompt, rounded, kv_dtype, rounds)
         assert logits.shape == expected.shape
         assert _relative_error(logits, expected) < tolerance
     next_tokens = [12, 4, 6, 81]
     logits = runtime.decode(kv, [0, 1, 2, 3], next_tokens)
     for seq_id, prompt in enumerate(prompts):
         expected = reference.forward(
-            weights, config, prompt + [next_tokens[seq_id]], rounded, kv_dtype
+            weights, config, prompt + [next_tokens[seq_id]], rounded, kv_dtype, rounds
         )[-1]
         assert _relative_error(logits[seq_id], expected) < tolerance
     alone = runtime.decode(kv, [0], [33])[0]
     expected = reference.forward(
-        weights, config, prompts[0] + [next_tokens[0], 33], rounded, kv_dtype
+        weights, config, prompts[0] + [next_tokens[0], 33], rounded, kv_dtype, rounds
     )[-1]
     assert _relative_error(alone, expected) < tolerance
 
