@@ -337,7 +337,23 @@ def serve(
     console.print(
         f"starting {len(chosen)} engine(s) for {folder.name}; listening on {settings.url}"
     )
+    console.print(_sampling_line(folder))
     run_server(settings, engine_args, host, port, workers)
+
+
+def _sampling_line(folder: Path) -> str:
+    """What a request that sets no sampling fields gets, and the file that says so."""
+    from mlc_engine.common.config import CONFIG_FILE, ModelConfig
+
+    sampling = ModelConfig.load(folder).sampling
+    where = folder / CONFIG_FILE
+    if not sampling:
+        return (
+            f"sampling defaults: none in {where}, so temperature 1.0 and no top_p, top_k or "
+            "min_p filter (a request's own values win)"
+        )
+    values = ", ".join(f"{name} {value:g}" for name, value in sampling.items())
+    return f"sampling defaults from {where}: {values} (a request's own values win)"
 
 
 @app.command("serve")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -256,11 +257,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(command: list[str], ready_seconds: float = 300) -> Iterator[str]:
-    """Start a server command (given --port here) and yield its URL once /health answers 200;
-    SIGTERM and wait at the end."""
+def running_server(
+    command: list[str], ready_seconds: float = 300, stderr: IO[str] | None = None
+) -> Iterator[str]:
+    """Start a server command (given --port here, its stderr to `stderr` if given) and yield its
+    URL once /health answers 200; SIGTERM and wait at the end."""
     port = free_port()
-    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)])
+    args = [*command, "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(args, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_seconds

@@ -1,7 +1,8 @@
 """The model configuration stored as `mlc-chat-config.json` in a model folder.
 
 One dataclass is shared by the converter (which writes it), the compiler (which builds the model
-from it) and the frontend (which reads the tokenizer, chat template and stop tokens from it).
+from it) and the frontend (which reads the tokenizer, chat template, stop tokens and default
+sampling from it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlc_engine.common.protocol import SamplingParams
+
 CONFIG_FILE = "mlc-chat-config.json"
+# The request fields a model folder may recommend defaults for, in its `sampling`, and their
+# types. A field it leaves out takes the engine's neutral value (SamplingParams' default).
+SAMPLING_FIELDS: dict[str, type] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repetition_penalty": float,
+}
 
 
 @dataclasses.dataclass
@@ -45,12 +57,16 @@ class ModelConfig:
     add_bos_token: bool = False
     chat_template: str | None = None
     model_name: str = ""
+    # The authors' recommended sampling (see SAMPLING_FIELDS): what a request that leaves a
+    # field out gets. Not part of the architecture: editing it needs no new library.
+    sampling: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.prefill_chunk_size == 0:
             self.prefill_chunk_size = min(self.context_window_size, 2048)
+        self.sampling = checked_sampling(self.sampling)
 
     def architecture_key(self) -> dict[str, Any]:
         """The fields that change the compiled library (used in its cache key)."""
@@ -70,4 +86,29 @@ class ModelConfig:
     def load(cls, folder: Path) -> ModelConfig:
         data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ValueError as error:
+            raise ValueError(f"{folder / CONFIG_FILE}: {error}") from None
+
+
+def checked_sampling(sampling: dict[str, Any]) -> dict[str, float]:
+    """`sampling` with each value as its field's type; ValueError naming the first bad entry."""
+    if not isinstance(sampling, dict):
+        raise ValueError('sampling must be an object, such as {"temperature": 0.7}')
+    checked: dict[str, float] = {}
+    for name, value in sampling.items():
+        kind = SAMPLING_FIELDS.get(name)
+        if kind is None:
+            raise ValueError(f"sampling.{name} is not one of {', '.join(SAMPLING_FIELDS)}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (kind is int and not float(value).is_integer()):
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"sampling.{name} must be {what}")
+        checked[name] = kind(value)
+    fields: dict[str, Any] = checked
+    try:
+        SamplingParams(**fields).check(vocab_size=0)
+    except ValueError as error:
+        raise ValueError(f"sampling.{error}") from None
+    return checked

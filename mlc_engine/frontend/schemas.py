@@ -13,6 +13,10 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
+def _default(neutral: str) -> str:
+    return f"Default: the model's recommendation, else {neutral}."
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -45,16 +49,17 @@ class SamplingFields(Body):
     """Fields chat and completions share."""
 
     model: str | None = Field(None, description="Accepted and ignored: one model is served.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0: no top-k filtering.")
-    min_p: Probability = 0.0
+    # Left out or null: the model's recommendation (mlc-chat-config.json's `sampling`).
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description=_default("1.0; 0: greedy"))
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description=_default("1.0"))
+    top_k: int | None = Field(None, ge=0, description=_default("0: no top-k filtering"))
+    min_p: Probability | None = Field(None, description=_default("0.0"))
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     seed: int | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description=_default("1.0"))
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False
     stream: bool = False

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import falcon.asgi
 import pydantic
 
-from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.config import SAMPLING_FIELDS, ModelConfig
 from mlc_engine.common.protocol import SamplingParams
 from mlc_engine.frontend.engines import EnginePool
 from mlc_engine.frontend.errors import BadRequestError, PayloadTooLargeError
@@ -114,11 +114,7 @@ class Service:
             limit = min(MLC_CHAT_MAX_GEN_LEN, window - longest)
         params = SamplingParams(
             max_tokens=window - longest if limit is None else limit,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            min_p=request.min_p,
-            repetition_penalty=request.repetition_penalty,
+            **self._sampling(request),
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
             logit_bias=self._logit_bias(request.logit_bias),
@@ -133,6 +129,12 @@ class Service:
         except ValueError as error:
             raise BadRequestError(str(error), param=str(error).split()[0]) from None
         return params
+
+    def _sampling(self, request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        """The request's temperature, top_p, top_k, min_p and repetition_penalty; the model's
+        recommendation for each it leaves out (SamplingParams' neutral value if it has none)."""
+        given = {name: getattr(request, name) for name in SAMPLING_FIELDS}
+        return {**self.config.sampling, **{k: v for k, v in given.items() if v is not None}}
 
     def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
         try:

@@ -166,6 +166,7 @@ def test_gguf_metadata_fills_model_config(qwen2_gguf: ModelSource) -> None:
     assert (config.bos_token_id, config.eos_token_ids) == (1, [2, 4])  # 4: <|im_end|>
     assert config.chat_template == TEMPLATE and config.model_name == "tiny"
     assert config.quantization == "q0f32"
+    assert config.sampling == {}  # no family is named "tiny"
     assert qwen2_gguf.tokenizer_json is not None
     assert json.loads(qwen2_gguf.tokenizer_json)["model"]["type"] == "BPE"
 
@@ -328,6 +329,8 @@ def test_smollm2_gguf_loads_with_its_config(smollm2: ModelSource) -> None:
     assert config.tie_word_embeddings and not config.attention_bias
     assert (config.bos_token_id, config.eos_token_ids, config.add_bos_token) == (1, [2], False)
     assert config.chat_template is not None and "<|im_start|>" in config.chat_template
+    # general.basename "smollm2": the model card's recommendation, as the GGUF has none.
+    assert config.sampling == {"temperature": 0.2, "top_p": 0.9}
     assert len(smollm2.tensors) == 2 + 9 * 30
     embed = smollm2.tensors["model.embed_tokens.weight"]
     assert (embed.kind, embed.shape) == ("Q8_0", (49152, 576))

@@ -17,6 +17,7 @@ from gguf import GGUFReader, ReaderTensor
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine.weights.gguf_tokenizer import tokenizer_json_from_reader
+from mlc_engine.engine.weights.sampling_defaults import recommended_sampling
 from mlc_engine.engine.weights.source import (
     CHAT_STOP_TOKENS,
     ModelSource,
@@ -136,6 +137,7 @@ def _config(
     stop_ids = {t: i for i, t in enumerate(tokens) if t in CHAT_STOP_TOKENS}
     # llama.cpp prepends BOS by default only for SentencePiece ("llama") vocabularies.
     spm = _field(reader, "tokenizer.ggml.model") == "llama"
+    names = [_field(reader, f"general.{key}", "") for key in ("basename", "name")] + [path.stem]
     return ModelConfig(
         model_type=arch,
         hidden_size=hidden,
@@ -157,6 +159,8 @@ def _config(
         add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", spm)),
         chat_template=chat_template,
         model_name=_field(reader, "general.name", _field(reader, "general.basename", path.stem)),
+        # GGUF files carry no generation config: the family's recommendation, if any.
+        sampling=recommended_sampling({}, names),
     )
 
 

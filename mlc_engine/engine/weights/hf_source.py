@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.weights.sampling_defaults import recommended_sampling
 from mlc_engine.engine.weights.source import ModelSource, SourceTensor, stop_token_ids
 
 # bfloat16 is kept as its uint16 bit patterns; SourceTensor.to_float32 widens it.
@@ -89,6 +90,8 @@ def _config(
         *_ids(token_id(_token_text(special.get("eos_token")) or "")),
     ]
     bos = hf.get("bos_token_id", generation.get("bos_token_id"))
+    # A hub snapshot's folder is named by its commit; config.json may still name the model.
+    names = [folder.resolve().name, Path(hf.get("_name_or_path") or "").name]
     return ModelConfig(
         model_type=model_type,
         hidden_size=hidden,
@@ -112,6 +115,7 @@ def _config(
         ),
         chat_template=chat_template,
         model_name=folder.resolve().name,
+        sampling=recommended_sampling(generation, names),
     )
 
 
