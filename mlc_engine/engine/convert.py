@@ -30,7 +30,7 @@ TOKENIZER_FILE = "tokenizer.json"
 
 # Raised whenever converting the same source would give another folder: the default model's
 # folder in the cache is converted again when it was written by an older converter.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 FLOAT_KINDS = {"F32", "F16", "BF16"}
 # How much a storage holds, for fused groups of sources stored differently: the group takes the
 # widest of its members' storages, so no member loses bits.
