@@ -80,6 +80,7 @@ class Operands:
     bits: int  # of a weight code: 4 or 8
     has_minimum: bool
     has_residual: bool
+    vnni: bool  # vpdpbusd: 4 products of unsigned by signed bytes added into each int32 lane
 
     @property
     def codes_per_word(self) -> int:
@@ -140,7 +141,17 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
         rows = rows * d.astype("int64")
     rows = tvm.sym.Analyzer().simplify(rows)
     n = blocks_of_columns * COLUMN_BLOCK
-    return Operands(rows, k, n, bits, len(weights) == 3, has_residual)
+    return Operands(rows, k, n, bits, len(weights) == 3, has_residual, has_vnni(target))
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """Whether the target has vpdpbusd on 256-bit registers (AVX-VNNI, or AVX512-VNNI with
+    AVX512VL)."""
+    from tvm.target import codegen
+
+    return codegen.llvm_cpu_has_features(["avxvnni"], target) or codegen.llvm_cpu_has_features(
+        ["avx512vnni", "avx512vl"], target
+    )
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
@@ -174,6 +185,8 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     pmaddwd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     pmaddubsw = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
     psignb = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b")
+    vpdpbusd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256")
+    vnni = operands.vnni
     params = list(func.params)
     x_param, codes_param, scale_param = params[:3]
     minimum_param = params[3] if has_minimum else scale_param
@@ -202,33 +215,58 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     def quad_products(codes, xq32, block, g, w, c, odd, row):
         """vpmaddubsw of one 4-bit word's even (or odd) codes for 8 columns with the row's 4
         matching int8 activations: two int16 sums of two products per column."""
-        word = weight_word(codes, block, g, w, c)
-        if odd:
-            word = T.shift_right(word, T.Broadcast(T.uint32(4), LANES))
-        nibbles = T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), LANES))
         return T.call_llvm_pure_intrin(
             "int16x16",
             pmaddubsw,
-            T.reinterpret("int8x32", nibbles),
+            T.reinterpret("int8x32", nibbles(codes, block, g, w, c, odd)),
             broadcast_bytes(xq32[quad_at(row, g, w, odd)]),
         )
 
-    def signed_products(codes, xq32, block, g, w, c, row):
-        """One 8-bit word's 4 codes for 8 columns times the row's 4 matching activations: one
-        int32 sum per column (|x| by the code with x's sign, as vpmaddubsw wants it; the
-        magnitudes follow the activations in xq, `m * k` bytes on)."""
-        signed = T.call_llvm_pure_intrin(
+    def nibbles(codes, block, g, w, c, odd):
+        """A 4-bit word's even (or odd) codes for 8 columns, one per byte."""
+        word = weight_word(codes, block, g, w, c)
+        if odd:
+            word = T.shift_right(word, T.Broadcast(T.uint32(4), LANES))
+        return T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), LANES))
+
+    def dpbusd(dots, unsigned, signed):
+        """dots plus, in each int32 lane, the 4 products of its unsigned by its signed bytes."""
+        return T.call_llvm_pure_intrin(
+            "int32x8",
+            vpdpbusd,
+            dots,
+            T.reinterpret("int8x32", unsigned),
+            T.reinterpret("int8x32", signed),
+        )
+
+    def signed_codes(codes, xq32, block, g, w, c, row):
+        """An 8-bit word's codes for 8 columns, each with the sign of its activation (as
+        vpmaddubsw and vpdpbusd want it: the magnitudes of x unsigned, the codes signed)."""
+        return T.call_llvm_pure_intrin(
             "int8x32",
             psignb,
             T.reinterpret("int8x32", weight_word(codes, block, g, w, c)),
             broadcast_bytes(xq32[quad_at(row, g, w, 0)]),
         )
-        pairs = T.call_llvm_pure_intrin(
-            "int16x16", pmaddubsw, broadcast_bytes(xq32[m * k // 4 + quad_at(row, g, w, 0)]), signed
-        )
-        return T.call_llvm_pure_intrin(
-            "int32x8", pmaddwd, pairs, T.Broadcast(T.int16(1), 2 * LANES)
-        )
+
+    def magnitudes(xq32, g, w, row):
+        """|x| of the row's 4 activations meeting an 8-bit word (`m * k` bytes on in xq)."""
+        return broadcast_bytes(xq32[m * k // 4 + quad_at(row, g, w, 0)])
+
+    def add_word(dots, codes, xq32, block, g, w, c, row):
+        """dots plus one word's products for 8 columns with the row's matching activations: one
+        int32 sum per column."""
+        if not eight_bit:  # VNNI only: without it, 4-bit words go through int16 sums
+            for odd in (0, 1):
+                activations = T.Broadcast(xq32[quad_at(row, g, w, odd)], LANES)
+                dots = dpbusd(dots, nibbles(codes, block, g, w, c, odd), activations)
+            return dots
+        signed = signed_codes(codes, xq32, block, g, w, c, row)
+        if vnni:
+            return dpbusd(dots, magnitudes(xq32, g, w, row), signed)
+        pairs = T.call_llvm_pure_intrin("int16x16", pmaddubsw, magnitudes(xq32, g, w, row), signed)
+        ones = T.Broadcast(T.int16(1), 2 * LANES)
+        return dots + T.call_llvm_pure_intrin("int32x8", pmaddwd, pairs, ones)
 
     # In the kernel, names bound to expressions become variables stored in memory (allocated per
     # task), so the expressions are built by these functions and written out in place.
@@ -267,9 +305,22 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
             else:
                 out[out_lanes(block, c, r0 + r)] = acc[lanes(r * LANES)]
 
+    def group_sum(sums, scale, minimum, x_scale, x_sum, block, g, c, row):
+        """A group's int32 sums for 8 columns as floats: scaled, plus the 4-bit codes' offset
+        times the sum of the row's rounded activations."""
+        scaled = T.Cast("float32x8", sums) * (
+            scale[group_lanes(block, g, c)] * T.Broadcast(x_scale[row * groups + g], LANES)
+        )
+        if eight_bit:
+            return scaled
+        return scaled + offsets(scale, minimum, block, g, c) * T.Broadcast(
+            x_sum[row * groups + g], LANES
+        )
+
     @T.macro
-    def row_tile_4bit(buffers, block, c, r0, tile):
-        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, 4-bit codes."""
+    def row_tile_int16(buffers, block, c, r0, tile):
+        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, 4-bit codes without VNNI:
+        a group's products added as int16 (at most 16 * 15 * 127 per lane), widened once."""
         codes, scale, minimum, xq32, x_scale, x_sum, out, residual = buffers
         acc = T.alloc_buffer((tile * LANES,), "float32")
         dots = T.alloc_buffer((tile * 2 * LANES,), "int16")
@@ -286,21 +337,15 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
                         + quad_products(codes, xq32, block, g, w, c, 1, r0 + r)
                     )
             for r in T.unroll(tile):
-                acc[lanes(r * LANES)] = (
-                    acc[lanes(r * LANES)]
-                    + T.Cast("float32x8", widened(dots, r))
-                    * (
-                        scale[group_lanes(block, g, c)]
-                        * T.Broadcast(x_scale[(r0 + r) * groups + g], LANES)
-                    )
-                    + offsets(scale, minimum, block, g, c)
-                    * T.Broadcast(x_sum[(r0 + r) * groups + g], LANES)
+                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + group_sum(
+                    widened(dots, r), scale, minimum, x_scale, x_sum, block, g, c, r0 + r
                 )
         store_tile(out, residual, acc, block, c, r0, tile)
 
     @T.macro
-    def row_tile_8bit(buffers, block, c, r0, tile):
-        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, 8-bit codes."""
+    def row_tile_int32(buffers, block, c, r0, tile):
+        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, each word's products
+        added as int32 (8-bit codes, and 4-bit ones with VNNI)."""
         codes, scale, minimum, xq32, x_scale, x_sum, out, residual = buffers
         acc = T.alloc_buffer((tile * LANES,), "float32")
         dots = T.alloc_buffer((tile * LANES,), "int32")
@@ -311,19 +356,16 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
                 dots[lanes(r * LANES)] = T.Broadcast(T.int32(0), LANES)
             for w in range(words_per_group):
                 for r in T.unroll(tile):
-                    dots[lanes(r * LANES)] = dots[lanes(r * LANES)] + signed_products(
-                        codes, xq32, block, g, w, c, r0 + r
+                    dots[lanes(r * LANES)] = add_word(
+                        dots[lanes(r * LANES)], codes, xq32, block, g, w, c, r0 + r
                     )
             for r in T.unroll(tile):
-                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + T.Cast(
-                    "float32x8", dots[lanes(r * LANES)]
-                ) * (
-                    scale[group_lanes(block, g, c)]
-                    * T.Broadcast(x_scale[(r0 + r) * groups + g], LANES)
+                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + group_sum(
+                    dots[lanes(r * LANES)], scale, minimum, x_scale, x_sum, block, g, c, r0 + r
                 )
         store_tile(out, residual, acc, block, c, r0, tile)
 
-    row_tile = row_tile_8bit if eight_bit else row_tile_4bit
+    row_tile = row_tile_int32 if eight_bit or vnni else row_tile_int16
 
     @T.macro
     def round_group(buffers, r, g):

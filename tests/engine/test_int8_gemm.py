@@ -35,6 +35,10 @@ pytestmark = pytest.mark.skipif(
     not tvm.target.codegen.llvm_cpu_has_features(["avx2"], TARGET), reason="needs AVX2"
 )
 K, N = 320, 48  # 10 groups, 3 blocks of columns
+# AVX2 alone (no VNNI, no AVX-512), a code path of its own whatever this host has.
+AVX2 = tvm.target.Target(
+    {"kind": "llvm", "mcpu": "haswell", "mtriple": str(TARGET.attrs["mtriple"]), "num-cores": 2}
+)
 
 
 def _int64(value: int) -> tvm.tirx.IntImm:  # Relax gives every dimension as int64
@@ -85,10 +89,9 @@ def _packed_weight(storage: str, rng: np.random.Generator, k: int) -> PackedWeig
     return PackedWeight(storage, pack_codes(codes), scale)
 
 
-def _compile(func: tvm.tirx.PrimFunc) -> tvm.ffi.Function:
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)[
-        "main"
-    ]
+def _compile(func: tvm.tirx.PrimFunc, target: tvm.target.Target = TARGET) -> tvm.ffi.Function:
+    module = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    return tvm.compile(module, target)["main"]
 
 
 def _run(
@@ -147,20 +150,22 @@ def _assert_int8_result(got: np.ndarray, x: np.ndarray, packed: PackedWeight) ->
         (Q8_0, False, 4, 1536),
     ],
 )
+@pytest.mark.parametrize("target", [TARGET, AVX2], ids=["host", "avx2"])
 def test_kernel_rounds_activations_to_int8_and_nothing_else(
-    storage: str, has_residual: bool, rows: int, k_size: int
+    storage: str, has_residual: bool, rows: int, k_size: int, target: tvm.target.Target
 ) -> None:
     func = _matmul_func(storage, has_residual, _int64(rows), k_size)
-    operands = int8_gemm.operands(func, TARGET)
+    operands = int8_gemm.operands(func, target)
     assert operands is not None  # the kernel applies
     assert operands.bits == (8 if storage == Q8_0 else 4)
+    assert operands.vnni == int8_gemm.has_vnni(target)
     rng = np.random.default_rng(rows)
     packed = _packed_weight(storage, rng, k_size)
     x = rng.standard_normal((rows, k_size)).astype(np.float32)
     x[0, 5] = 40.0  # an outlier: its group's other activations get coarser steps
     x[-1, GROUP_SIZE : 2 * GROUP_SIZE] = 0.0  # a group of zeros: scale 0, nothing divided by it
     residual = rng.standard_normal((rows, N)).astype(np.float32) if has_residual else None
-    run = _compile(func.with_body(int8_gemm.matmul_body(func, operands)))
+    run = _compile(func.with_body(int8_gemm.matmul_body(func, operands)), target)
     _assert_int8_result(_run(run, x, packed, residual), x, packed)
 
 
@@ -233,6 +238,9 @@ def test_libraries_ask_for_blocks_only_where_the_kernel_runs() -> None:
     assert int8_gemm.column_block(get_quantization("q0f32"), TARGET) == 0
     without_avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
     assert int8_gemm.column_block(q4f32, without_avx2) == 0
+    assert not int8_gemm.has_vnni(AVX2)
+    assert int8_gemm.has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"}))
+    assert int8_gemm.has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
 
 
 def test_blocks_of_columns_hold_each_column_word_major() -> None:
