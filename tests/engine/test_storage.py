@@ -13,7 +13,6 @@ import pytest
 import reference
 from conftest import CPU, TINY_HF_CONFIG, LoadedModel, tiny_hf_weights
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import quantize
 from safetensors.numpy import load_file
 from test_int8_gemm import int8_rounded
 from test_model import (
@@ -22,7 +21,7 @@ from test_model import (
     _rounded_weights,
     dequantized_hf_weights,
 )
-from test_weights import llama_cpp_permute
+from test_weights import finish_gguf, llama_cpp_permute
 
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.common.device import tvm_device, tvm_target
@@ -92,21 +91,14 @@ def write_tiny_gguf(path: Path) -> Path:
     writer.add_bos_token_id(c["bos_token_id"])
     writer.add_eos_token_id(c["eos_token_id"])
     heads = {"attn_q": c["num_attention_heads"], "attn_k": c["num_key_value_heads"]}
+    tensors = {}
     for hf_name, array in tiny_hf_weights("llama").items():
         name = _gguf_name(hf_name)
         stem, part = name.rsplit(".", 1)[0], name.split(".")[-2]
         if part in heads:
             array = llama_cpp_permute(array, heads[part])
-        kind = Q.F32 if array.ndim == 1 else KINDS.get(stem, Q.Q4_1)
-        if kind in (Q.F32, Q.F16):
-            writer.add_tensor(name, array.astype(np.float32 if kind == Q.F32 else np.float16))
-        else:
-            writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        tensors[name] = (array, Q.F32 if array.ndim == 1 else KINDS.get(stem, Q.Q4_1))
+    return finish_gguf(writer, tensors, path)
 
 
 @pytest.fixture(scope="module")

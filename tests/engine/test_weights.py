@@ -70,13 +70,20 @@ def write_gguf(
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template(TEMPLATE)
+    if not tied:
+        tensors = {**tensors, "output.weight": (np.ones((len(TOKENS), HIDDEN), np.float32), Q.F32)}
+    return finish_gguf(writer, tensors, path)
+
+
+def finish_gguf(
+    writer: gguf.GGUFWriter, tensors: dict[str, tuple[np.ndarray, Q]], path: Path
+) -> Path:
+    """Add `tensors`, each stored as its GGUF type, and write the file."""
     for name, (array, kind) in tensors.items():
         if kind in (Q.F32, Q.F16):
             writer.add_tensor(name, array.astype(np.float32 if kind == Q.F32 else np.float16))
         else:
             writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
-    if not tied:
-        writer.add_tensor("output.weight", np.ones((len(TOKENS), HIDDEN), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
