@@ -108,15 +108,14 @@ def _weight_params(
     """Parameters of one (possibly fused) linear or embedding weight, under our names."""
     if storage == q.FLOAT:
         return {f"{name}.weight": _float_rows(sources).astype(dtype)}
+    cols = sources[0].shape[-1]
+    if cols % q.GROUP_SIZE:
+        raise ValueError(f"{sources[0].name}: {cols} columns is not a multiple of {q.GROUP_SIZE}")
     if storage == q.Q8_0:
-        packed, prefix = _pack_q8(sources, rerounded), f"{name}.q8"
+        packed = _pack_q8(sources, rerounded)
     else:
-        if sources[0].shape[-1] % q.GROUP_SIZE:
-            raise ValueError(
-                f"{sources[0].name}: {sources[0].shape[-1]} columns is not a multiple of "
-                f"{q.GROUP_SIZE}"
-            )
-        packed, prefix = _pack_q4(sources, storage, rerounded), f"{name}.q4"
+        packed = _pack_q4(sources, storage, rerounded)
+    prefix = f"{name}.{q.packed_name(storage)}"
     params = {f"{prefix}.q_weight": packed.weight, f"{prefix}.q_scale": packed.scale.astype(dtype)}
     if packed.minimum is not None:
         params[f"{prefix}.q_min"] = packed.minimum.astype(dtype)

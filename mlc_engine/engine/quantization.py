@@ -48,6 +48,11 @@ def codes_per_word(storage: str) -> int:
     return 32 // STORAGE_BITS[storage]
 
 
+def packed_name(storage: str) -> str:
+    """The prefix of a quantized weight's arrays in the model folder (`q4`, `q8`)."""
+    return f"q{STORAGE_BITS[storage]}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantization:
     """One quantization scheme: how weights are stored and which float type computes."""

@@ -25,10 +25,10 @@ from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.models import prepare_library
 from mlc_engine.engine.quantization import (
     FLOAT,
-    Q8_0,
     PackedWeight,
     dequantize,
     get_quantization,
+    packed_name,
     storage_of,
 )
 from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime
@@ -71,7 +71,7 @@ def dequantized_hf_weights(folder, config: ModelConfig) -> dict[str, np.ndarray]
         storage = storage_of(config, name)
         if storage == FLOAT:
             return params[f"{name}.weight"].astype(np.float32)
-        prefix = f"{name}.q{8 if storage == Q8_0 else 4}"
+        prefix = f"{name}.{packed_name(storage)}"
         packed = PackedWeight(
             storage,
             params[f"{prefix}.q_weight"],

@@ -18,10 +18,10 @@ from mlc_engine.engine.quantization import (
     FLOAT,
     GROUP_SIZE,
     Q4_1,
-    STORAGE_BITS,
     Quantization,
     blocked_shape,
     codes_per_word,
+    packed_name,
 )
 
 # Block names the CPU schedule looks for.
@@ -135,10 +135,6 @@ def take_rows(weight: QuantizedWeight | nn.Tensor, ids: nn.Tensor, cols: int) ->
     return nn.op.tensor_expr_op(compute, "take", [ids, *_weight_args(weight)])
 
 
-def _packed_name(storage: str) -> str:
-    return f"q{STORAGE_BITS[storage]}"
-
-
 class Linear(nn.Module):
     """`y = x @ W.T (+ b)` with W stored as `storage` (`quantization.STORAGES`), laid out
     [out_features, in_features]. Its parameters are `weight` for floats, else `q4.*` or `q8.*`."""
@@ -153,13 +149,13 @@ class Linear(nn.Module):
         else:
             # The attribute's name is the parameters' prefix in the model folder.
             packed = QuantizedWeight(out_features, in_features, storage, quant)
-            setattr(self, _packed_name(storage), packed)
+            setattr(self, packed_name(storage), packed)
         self.bias = nn.Parameter((out_features,), quant.dtype) if bias else None
 
     def _weight(self) -> QuantizedWeight | nn.Tensor:
         if self.storage == FLOAT:
             return self.weight
-        return getattr(self, _packed_name(self.storage))
+        return getattr(self, packed_name(self.storage))
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = matmul_nt(x, self._weight(), self.dtype)
