@@ -60,7 +60,7 @@ def _matmul_func(
     scale = te.placeholder(groups, "float32", name="scale")
     minimum = te.placeholder(groups, "float32", name="minimum")
     weights = [codes, scale, minimum] if storage == Q4_1 else [codes, scale]
-    read = _value_reader(codes, tuple(weights[1:]), _int64(k_size))
+    read = _value_reader(codes, tuple(weights[1:]), storage)
     weight = te.compute((_int64(N), _int64(k_size)), read, name=DEQUANTIZE_BLOCK)
     x = te.placeholder((rows, _int64(1), _int64(k_size)), "float32", name="x")
     k = te.reduce_axis((_int64(0), _int64(k_size)), name="k")

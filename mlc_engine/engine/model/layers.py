@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import tvm
 from tvm import te, tirx, topi
 from tvm.relax.frontend import nn
 
@@ -18,6 +17,7 @@ from mlc_engine.engine.quantization import (
     FLOAT,
     GROUP_SIZE,
     Q4_1,
+    Q8_0,
     Quantization,
     blocked_shape,
     codes_per_word,
@@ -71,6 +71,7 @@ class QuantizedWeight(nn.Module):
     (and minimums, for `q4_1`)."""
 
     def __init__(self, rows: int, cols: int, storage: str, quant: Quantization) -> None:
+        self.storage = storage
         words = blocked_shape((rows, cols // codes_per_word(storage)), quant.column_block)
         groups = blocked_shape((rows, cols // GROUP_SIZE), quant.column_block)
         self.q_weight = nn.Parameter(words, "uint32")
@@ -82,20 +83,23 @@ class QuantizedWeight(nn.Module):
 
 
 def _value_reader(
-    w: te.Tensor, q: tuple[te.Tensor, ...], cols: tirx.PrimExpr
+    w: te.Tensor, q: tuple[te.Tensor, ...], storage: str
 ) -> Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]:
-    """(row, k) -> weight element, for a float weight or a quantized one of `cols` columns
-    (q = scale[, minimum]; its words per row tell 8-bit codes from 4-bit)."""
-    if not q:
+    """(row, k) -> weight element, for a weight stored as `storage` (q = scale[, minimum] of a
+    quantized one)."""
+    if storage == FLOAT:
         return lambda row, k: w[row, k]
-    if len(q) == 1 and tvm.sym.Analyzer().can_prove_equal(w.shape[1] * 4, cols):
+    if storage == Q8_0:
         return lambda row, k: _q8_value(w, q[0], row, k)
-    minimum = q[1] if len(q) == 2 else None
+    minimum = q[1] if storage == Q4_1 else None
     return lambda row, k: _q4_value(w, q[0], minimum, row, k)
 
 
-def _weight_args(weight: QuantizedWeight | nn.Tensor) -> list[nn.Tensor]:
-    return weight.tensors() if isinstance(weight, QuantizedWeight) else [weight]
+def _weight_args(weight: QuantizedWeight | nn.Tensor) -> tuple[list[nn.Tensor], str]:
+    """The weight's tensors, and its storage."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.tensors(), weight.storage
+    return [weight], FLOAT
 
 
 def matmul_nt(x: nn.Tensor, weight: QuantizedWeight | nn.Tensor, out_dtype: str) -> nn.Tensor:
@@ -105,9 +109,11 @@ def matmul_nt(x: nn.Tensor, weight: QuantizedWeight | nn.Tensor, out_dtype: str)
     reduction. The CPU schedule inlines the first into the second for few rows, and stages
     tiles of it for many (see `schedule.py`)."""
 
+    tensors, storage = _weight_args(weight)
+
     def compute(x: te.Tensor, w: te.Tensor, *q: te.Tensor) -> te.Tensor:
         cols = x.shape[-1]
-        read = _value_reader(w, q, cols)
+        read = _value_reader(w, q, storage)
         rows = w.shape[0] * w.shape[2] if len(w.shape) == 3 else w.shape[0]
         weight = te.compute(
             (rows, cols), lambda n, k: read(n, k).astype(out_dtype), name=DEQUANTIZE_BLOCK
@@ -119,20 +125,21 @@ def matmul_nt(x: nn.Tensor, weight: QuantizedWeight | nn.Tensor, out_dtype: str)
             name=MATMUL_BLOCK,
         )
 
-    return nn.op.tensor_expr_op(compute, MATMUL_BLOCK, [x, *_weight_args(weight)])
+    return nn.op.tensor_expr_op(compute, MATMUL_BLOCK, [x, *tensors])
 
 
 def take_rows(weight: QuantizedWeight | nn.Tensor, ids: nn.Tensor, cols: int) -> nn.Tensor:
     """Rows `ids` of W as floats (an embedding lookup)."""
+    tensors, storage = _weight_args(weight)
 
     def compute(index: te.Tensor, w: te.Tensor, *q: te.Tensor) -> te.Tensor:
-        read = _value_reader(w, q, cols)
+        read = _value_reader(w, q, storage)
         dtype = q[0].dtype if q else w.dtype
         return te.compute(
             (index.shape[0], cols), lambda n, k: read(index[n], k).astype(dtype), name="take"
         )
 
-    return nn.op.tensor_expr_op(compute, "take", [ids, *_weight_args(weight)])
+    return nn.op.tensor_expr_op(compute, "take", [ids, *tensors])
 
 
 class Linear(nn.Module):
