@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shlex
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -29,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from llama_cpp import LlamaCppError, LlamaCppTools
 from loading import load
 from rich.console import Console
 from rich.table import Table
@@ -46,7 +44,6 @@ DECODE_PROMPT = 16  # tokens each decode sequence starts with
 MAX_REPS = 20
 
 LLAMA_CPP_TOOLS = ("llama-bench", "llama-batched-bench")
-LLAMA_CPP_TIMEOUT = 600  # seconds per tool run; each takes well under a minute on 2 cores
 LLAMA_GEN_TOKENS = 128  # llama-bench tg128
 LLAMA_BATCHED_GEN = 32  # llama-batched-bench -ntg
 LLAMA_BATCHED_RUNS = 3  # it times each batch size once; the median of three steadies that
@@ -79,23 +76,11 @@ class Result:
         )
 
 
-class LlamaCppError(Exception):
-    """A llama.cpp tool is missing, failed or ran past LLAMA_CPP_TIMEOUT."""
-
-
 class LlamaCpp:
     """llama.cpp's benchmark tools in `folder`, run on `gguf` with `threads` threads."""
 
     def __init__(self, folder: Path, gguf: Path, threads: int):
-        missing = [tool for tool in LLAMA_CPP_TOOLS if not os.access(folder / tool, os.X_OK)]
-        if missing:
-            raise LlamaCppError(
-                f"--llama-cpp-bin {folder} has no {' or '.join(missing)} "
-                "(benchmarks/README.md says how to build them)"
-            )
-        self.folder = folder
-        self.gguf = gguf
-        self.threads = threads
+        self.tools = LlamaCppTools(folder, LLAMA_CPP_TOOLS, gguf, threads)
         self.build = "?"  # llama-bench's "b<number> (<commit>)", once it has run
 
     def prefill_tok_s(self, lengths: Sequence[int]) -> dict[int, float]:
@@ -130,19 +115,7 @@ class LlamaCpp:
         return {row["pl"]: row["speed_tg"] for row in rows if row["pl"] in batches}
 
     def _run(self, tool: str, *args: str) -> str:
-        command = [str(self.folder / tool), "-m", str(self.gguf), "-t", str(self.threads), *args]
-        console.print(f"[dim]llama.cpp: {tool} {shlex.join(args)}...[/dim]")
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=LLAMA_CPP_TIMEOUT, check=False
-            )
-        except subprocess.TimeoutExpired:
-            message = f"{tool} ran past {LLAMA_CPP_TIMEOUT} s: {shlex.join(command)}"
-            raise LlamaCppError(message) from None
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise LlamaCppError(f"{tool} failed (exit {done.returncode}): {last}")
-        return done.stdout
+        return self.tools.run(tool, *args).stdout
 
 
 def median_seconds(run: Callable[[], float], budget: float) -> float:

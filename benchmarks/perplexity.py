@@ -29,14 +29,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
-import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
+from llama_cpp import LlamaCppError, LlamaCppTools, last_line
 from loading import load
 from rich.console import Console
 from rich.table import Table
@@ -53,7 +52,7 @@ CHUNK = 512  # prefill chunk
 SEQ_ID = 0
 # Rows of logits turned into float64 at a time: 128 x 49152 vocab x 8 bytes = 48 MiB.
 SCORE_ROWS = 128
-LLAMA_CPP_TIMEOUT = 600  # seconds; llama-perplexity takes about 15 s on this text on 2 cores
+TOOL = "llama-perplexity"  # about 15 s on this text on 2 cores
 
 console = Console(stderr=True)
 
@@ -90,22 +89,11 @@ class LlamaCppResult:
     text_tokens: int | None = None  # the whole text's, counted after the run
 
 
-class LlamaCppError(Exception):
-    """llama-perplexity is missing, failed, ran past LLAMA_CPP_TIMEOUT or printed no estimate."""
-
-
 class LlamaPerplexity:
     """llama.cpp's `llama-perplexity` in `folder`, run on `gguf` with `threads` threads."""
 
     def __init__(self, folder: Path, gguf: Path, threads: int):
-        self.tool = folder / "llama-perplexity"
-        if not os.access(self.tool, os.X_OK):
-            raise LlamaCppError(
-                f"--llama-cpp-bin {folder} has no llama-perplexity "
-                "(benchmarks/README.md says how to build it)"
-            )
-        self.gguf = gguf
-        self.threads = threads
+        self.tools = LlamaCppTools(folder, [TOOL], gguf, threads)
 
     def measure(self, text: Path, ctx: int, chunks: int | None) -> LlamaCppResult:
         limit = ["--chunks", str(chunks)] if chunks else []
@@ -113,7 +101,7 @@ class LlamaPerplexity:
         final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", done.stderr)
         counted = re.search(r"calculating perplexity over (\d+) chunks", done.stderr)
         if final is None or counted is None:
-            raise LlamaCppError(f"llama-perplexity printed no final estimate: {_last(done)}")
+            raise LlamaCppError(f"llama-perplexity printed no final estimate: {last_line(done)}")
         chunk_perplexities = [float(v) for v in re.findall(r"\[\d+\]([\d.]+),", done.stdout)]
         return LlamaCppResult(
             float(final[1]),
@@ -130,13 +118,16 @@ class LlamaPerplexity:
         done = self._run("-f", str(text), "-c", str(ours))
         found = re.search(r"tokenizes to only (\d+) tokens", done.stderr)
         if found is None:
-            raise LlamaCppError(f"llama-perplexity did not count the tokens: {_last(done)}")
+            raise LlamaCppError(f"llama-perplexity did not count the tokens: {last_line(done)}")
         return int(found[1])
 
     def _build(self) -> str:
         """Its version line, e.g. "0.5.0-dev (build 1, commit 0c1e570)"."""
         done = subprocess.run(
-            [str(self.tool), "--version"], capture_output=True, text=True, check=False
+            [str(self.tools.folder / TOOL), "--version"],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         found = re.search(r"version: (.+)", done.stdout + done.stderr)
         return found[1].strip() if found else "?"
@@ -145,23 +136,7 @@ class LlamaPerplexity:
         # --no-repack: weights in the GGUF's layout, whatever the CPU. A native build on a CPU
         # that reports AMX otherwise runs AMX kernels for Q4_1, which crash (SIGILL or SIGSEGV)
         # where the host does not grant AMX state. Speed is not measured here.
-        command = [str(self.tool), "-m", str(self.gguf), "-t", str(self.threads), *args]
-        command.append("--no-repack")
-        console.print(f"[dim]llama.cpp: llama-perplexity {shlex.join(command[3:])}...[/dim]")
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=LLAMA_CPP_TIMEOUT, check=False
-            )
-        except subprocess.TimeoutExpired:
-            message = f"llama-perplexity ran past {LLAMA_CPP_TIMEOUT} s: {shlex.join(command)}"
-            raise LlamaCppError(message) from None
-        if done.returncode != 0:
-            raise LlamaCppError(f"llama-perplexity failed (exit {done.returncode}): {_last(done)}")
-        return done
-
-
-def _last(done: subprocess.CompletedProcess[str]) -> str:
-    return (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return self.tools.run(TOOL, *args, "--no-repack")
 
 
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
