@@ -270,6 +270,12 @@ def engine_command(
         int,
         typer.Option("--max-batch-tokens", min=16, help="Tokens computed per step, at most."),
     ] = 512,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue", min=0, help="Sequences waiting beyond --max-num-seqs before refusals."
+        ),
+    ] = 256,
     frontend_lease: Annotated[
         float,
         typer.Option(
@@ -286,7 +292,9 @@ def engine_command(
     from mlc_engine.engine.process import run_engine
 
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
-    config = EngineConfig(max_num_seqs, max_total_tokens, max_batch_tokens, frontend_lease)
+    config = EngineConfig(
+        max_num_seqs, max_total_tokens, max_batch_tokens, max_queue, frontend_lease
+    )
     try:
         run_engine(
             model, _device(device), input_endpoint, output_endpoint, config, lib_path, num_threads
@@ -388,7 +396,7 @@ def serve_command(
 ) -> None:
     """Serve the model over HTTP: the OpenAI API and MLC-Chat's REST API."""
     options = ["--max-num-seqs", str(max_num_seqs), "--max-total-tokens", str(max_total_tokens)]
-    options += ["--max-batch-tokens", str(max_batch_tokens)]
+    options += ["--max-batch-tokens", str(max_batch_tokens), "--max-queue", str(max_queue)]
     if num_threads:
         options += ["--num-threads", str(num_threads)]
     try:

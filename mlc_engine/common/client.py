@@ -74,6 +74,7 @@ class EngineClient:
         self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._sub.connect(output_endpoint)
         self._streams: dict[str, asyncio.Queue[SequenceOutput]] = {}
+        self._sequences = 0
         self._replies: dict[MessageType, asyncio.Queue[Any]] = {
             MessageType.READY: asyncio.Queue(),
             MessageType.STATS_REPLY: asyncio.Queue(),
@@ -116,8 +117,9 @@ class EngineClient:
         self._push.send_multipart([kind.value, pack(message)], flags=zmq.NOBLOCK)
 
     @property
-    def num_requests(self) -> int:
-        return len(self._streams)
+    def num_sequences(self) -> int:
+        """Choices of this client's open requests (n of each)."""
+        return self._sequences
 
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
@@ -129,6 +131,7 @@ class EngineClient:
             raise EngineUnavailableError(self.dead)
         stream: asyncio.Queue[SequenceOutput] = asyncio.Queue()
         self._streams[request_id] = stream
+        self._sequences += params.n
         request = AddRequest(request_id, self.frontend_id, list(prompt_token_ids), params)
         open_choices = params.n
         try:
@@ -142,6 +145,7 @@ class EngineClient:
                     open_choices -= 1
         finally:
             self._streams.pop(request_id, None)
+            self._sequences -= params.n
             if open_choices and self.dead is None:
                 self.abort([request_id])
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 FRONTEND_ID_LENGTH = 32  # uuid4().hex
 BROADCAST = b"*"
 
@@ -48,6 +48,12 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     ABORT = "abort"
     ERROR = "error"
+
+
+class ErrorCode(enum.StrEnum):
+    """What kind of failure an error output is, where the frontend answers each differently."""
+
+    QUEUE_FULL = "queue_full"  # the engine is full: come back later (HTTP 429)
 
 
 class ProtocolError(ValueError):
@@ -171,7 +177,9 @@ class RequestMetrics:
 
 @dataclasses.dataclass
 class SequenceOutput:
-    """What one choice (`index` < n) of a request produced in one engine step."""
+    """What one choice (`index` < n) of a request produced in one engine step. With
+    finish_reason "stop", the last of `token_ids` is the stop token that ended the choice: it
+    counts as generated and has a logprob, but no text."""
 
     request_id: str
     index: int
@@ -181,6 +189,7 @@ class SequenceOutput:
     finish_reason: str | None = None
     error: str | None = None
     metrics: RequestMetrics | None = None
+    error_code: str | None = None  # an ErrorCode, with finish_reason "error"
 
 
 @dataclasses.dataclass

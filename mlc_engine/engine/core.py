@@ -16,6 +16,7 @@ from mlc_engine.common.protocol import (
     PROTOCOL_VERSION,
     AddRequest,
     EngineInfo,
+    ErrorCode,
     FinishReason,
     RequestMetrics,
     SequenceOutput,
@@ -34,6 +35,9 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_total_tokens: int = 0  # KV cache size in tokens; 0: room for max_num_seqs full contexts
     max_batch_tokens: int = 512  # tokens per step: prefill chunks plus one per running decode
+    # Sequences (choices) waiting beyond max_num_seqs; a request that would pass this bound is
+    # refused with QUEUE_FULL, so the queue stays bounded however many frontends send.
+    max_queue: int = 256
     # A frontend silent for this long (seconds) is gone: its requests are aborted.
     frontend_lease: float = 30.0
 
@@ -93,12 +97,29 @@ class Engine:
         if problem:
             self.stats.requests_failed += 1
             return [_error(request.request_id, 0, problem)]
+        if self._open_sequences() + request.params.n > self._room:
+            return [_error(request.request_id, 0, self._full_message(), ErrorCode.QUEUE_FULL)]
         now = time.monotonic()
         choices = [self._new_sequence(request, i, now) for i in range(request.params.n)]
         choices[0].children = choices[1:]
         self.requests[request.request_id] = choices
         self.scheduler.add(choices[0])
         return []
+
+    @property
+    def _room(self) -> int:
+        return self.config.max_num_seqs + self.config.max_queue
+
+    def _open_sequences(self) -> int:
+        """Choices running or waiting, counting those waiting on a parent's prompt."""
+        choices = (seq for request in self.requests.values() for seq in request)
+        return sum(seq.status is not Status.FINISHED for seq in choices)
+
+    def _full_message(self) -> str:
+        return (
+            f"the engine is full ({self._open_sequences()} sequences running or waiting, "
+            f"{self._room} at most); retry later"
+        )
 
     def _check(self, request: AddRequest) -> str | None:
         prompt = request.prompt_token_ids
@@ -239,13 +260,12 @@ class Engine:
     def _accept(self, seq: Sequence, sample: Sample) -> SequenceOutput:
         token = sample.token
         params = seq.params
+        seq.append(token)
+        logprobs = [sample.logprob] if sample.logprob else None
         if token in params.stop_token_ids or (
             not params.ignore_eos and token in self.eos_token_ids
         ):
-            seq.append(token)
-            return self._finish(seq, [], None, FinishReason.STOP)
-        seq.append(token)
-        logprobs = [sample.logprob] if sample.logprob else None
+            return self._finish(seq, [token], logprobs, FinishReason.STOP)
         if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= min(
             self.runtime.config.context_window_size, self.capacity
         ):
@@ -304,8 +324,12 @@ class Engine:
         return output
 
 
-def _error(request_id: str, index: int, message: str) -> SequenceOutput:
-    return SequenceOutput(request_id, index, [], finish_reason="error", error=message)
+def _error(
+    request_id: str, index: int, message: str, code: ErrorCode | None = None
+) -> SequenceOutput:
+    return SequenceOutput(
+        request_id, index, [], finish_reason="error", error=message, error_code=code
+    )
 
 
 def _metrics(seq: Sequence) -> RequestMetrics:

@@ -9,7 +9,7 @@ import logging
 
 from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.protocol import EngineInfo, StatsSnapshot
-from mlc_engine.frontend.errors import QueueFullError, UnavailableError
+from mlc_engine.frontend.errors import BadRequestError, QueueFullError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,27 @@ class EnginePool:
         dead = [f"engine {i}: {c.dead}" for i, c in enumerate(self.clients) if c.dead]
         return "; ".join(dead) if dead else None
 
-    def pick(self) -> EngineClient:
-        """The live engine with the fewest requests; 429 when every queue is full."""
+    def pick(self, sequences: int) -> EngineClient:
+        """The live engine with the fewest sequences, for a request of `sequences` (prompts x
+        n); 429 when no engine has room for them, 400 when none ever could. The engine itself
+        also refuses what would overfill it, which holds across uvicorn workers too."""
         if not self.ready:
             raise UnavailableError(self.health() or "the model is still loading")
         live = [client for client in self.clients if client.dead is None]
         if not live:
             raise UnavailableError(self.health() or "no engine is running")
-        client = min(live, key=lambda c: c.num_requests)
+        client = min(live, key=lambda c: c.num_sequences)
         assert client.info is not None
-        if client.num_requests >= client.info.max_num_seqs + self.max_queue:
+        room = client.info.max_num_seqs + self.max_queue
+        if sequences > room:
+            raise BadRequestError(
+                f"n: the request needs {sequences} sequences (prompts x n); an engine here "
+                f"holds {room} at most",
+                param="n",
+            )
+        if client.num_sequences + sequences > room:
             raise QueueFullError(
-                f"all engines are busy ({client.num_requests} requests each); retry later"
+                f"all engines are busy ({client.num_sequences} sequences each); retry later"
             )
         return client
 

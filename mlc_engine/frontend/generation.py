@@ -3,32 +3,45 @@
 A request has one or more prompts (completions take lists) and n choices of each; choice
 `prompt_index * n + i` is choice i of that prompt, as OpenAI numbers them. Each prompt is one
 engine request. Text comes out of an incremental detokenizer and a stop-string matcher per
-choice; once every choice of a prompt has stopped, its engine request is aborted.
+choice; once every choice of a prompt has stopped, its engine request is aborted. A stop token
+the engine sampled is reported with its logprob and counted in the usage, but has no text (as
+vLLM does, so that lm-evaluation-harness reads the spans it expects). Any failure in one of
+the request's tasks ends the whole request with that error at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from mlc_engine.common.client import EngineClient
-from mlc_engine.common.protocol import SamplingParams, SequenceOutput, TokenLogprob
-from mlc_engine.frontend.errors import EngineFailureError, UnavailableError
+from mlc_engine.common.client import EngineClient, EngineUnavailableError
+from mlc_engine.common.protocol import ErrorCode, SamplingParams, SequenceOutput, TokenLogprob
+from mlc_engine.frontend.errors import (
+    APIError,
+    EngineFailureError,
+    QueueFullError,
+    UnavailableError,
+)
 from mlc_engine.frontend.metrics import Metrics
 from mlc_engine.frontend.text import IncrementalDetokenizer, Tokenizer
 from mlc_engine.frontend.text.stop import StopStringMatcher
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class TokenChoice:
-    """A generated (or echoed prompt) token with its logprob and the top alternatives."""
+    """A generated (or echoed prompt) token with its logprob and the top alternatives; `text`
+    overrides the token's own text (a stop token's is "")."""
 
     token_id: int
     logprob: float | None
     top: list[tuple[int, float]] = field(default_factory=list)
+    text: str | None = None
 
 
 @dataclass
@@ -96,7 +109,8 @@ class Generation:
             for p, prompt in enumerate(prompts)
             for i in range(params.n)
         ]
-        self._queue: asyncio.Queue[tuple[int, SequenceOutput | None]] = asyncio.Queue()
+        # Each prompt's outputs, then None when it is done or the error that ended it.
+        self._queue: asyncio.Queue[tuple[int, SequenceOutput | APIError | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._start = time.monotonic()
         self._last_token: float | None = None
@@ -108,10 +122,17 @@ class Generation:
         stream = self.client.generate(
             self._engine_id(prompt_index), self.prompts[prompt_index], self.params
         )
-        async with contextlib.aclosing(stream):
-            async for output in stream:
-                self._queue.put_nowait((prompt_index, output))
-        self._queue.put_nowait((prompt_index, None))
+        end: APIError | None = None
+        try:
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    self._queue.put_nowait((prompt_index, output))
+        except EngineUnavailableError as error:
+            end = UnavailableError(str(error))
+        except Exception as error:  # whatever it is, the request must end, not wait forever
+            log.exception("request %s failed", self.request_id)
+            end = EngineFailureError(f"the request failed: {error!r}")
+        self._queue.put_nowait((prompt_index, end))
 
     async def deltas(self) -> AsyncGenerator[Delta, None]:
         """Deltas as the engine produces them; EngineFailureError if the engine fails the
@@ -121,14 +142,13 @@ class Generation:
         try:
             while len(done) < len(self.prompts):
                 prompt_index, output = await self._queue.get()
+                if isinstance(output, APIError):
+                    raise output
                 if output is None:
                     done.add(prompt_index)
                     continue
                 if output.finish_reason == "error":
-                    message = output.error or "the engine failed the request"
-                    if self.client.dead is not None:
-                        raise UnavailableError(message)
-                    raise EngineFailureError(message)
+                    raise self._error(output)
                 delta = self._accept(prompt_index, output)
                 if delta is not None:
                     yield delta
@@ -141,6 +161,14 @@ class Generation:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    def _error(self, output: SequenceOutput) -> APIError:
+        message = output.error or "the engine failed the request"
+        if output.error_code == ErrorCode.QUEUE_FULL:
+            return QueueFullError(message)
+        if self.client.dead is not None:
+            return UnavailableError(message)
+        return EngineFailureError(message)
 
     def _prompt_done(self, prompt_index: int) -> bool:
         mine = [c for c in self.choices if c.prompt_index == prompt_index]
@@ -155,9 +183,13 @@ class Generation:
         self._observe(output)
         choice.token_count += len(output.token_ids)
         self.usage.completion_tokens += len(output.token_ids)
-        text = choice.stops.push(choice.detokenizer.push(output.token_ids))
-        tokens = _token_choices(output)
         reason = output.finish_reason
+        # The stop token that ended a choice has no text.
+        texts = output.token_ids[:-1] if reason == "stop" else output.token_ids
+        text = choice.stops.push(choice.detokenizer.push(texts))
+        tokens = _token_choices(output)
+        if reason == "stop" and tokens:
+            tokens[-1].text = ""
         if choice.stops.stopped:
             reason = "stop"
         elif reason is not None:

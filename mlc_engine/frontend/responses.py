@@ -33,26 +33,29 @@ class ResponseIds:
 
 
 def chat_logprobs(tokens: list[TokenChoice], token_text: TokenText) -> dict[str, Any]:
-    def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
-        text = token_text(token_id)
+    def entry(text: str, logprob: float | None) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {
         "content": [
             {
-                **entry(token.token_id, token.logprob),
-                "top_logprobs": [entry(t, lp) for t, lp in token.top],
+                **entry(_text(token, token_text), token.logprob),
+                "top_logprobs": [entry(token_text(t), lp) for t, lp in token.top],
             }
             for token in tokens
         ]
     }
 
 
+def _text(token: TokenChoice, token_text: TokenText) -> str:
+    return token_text(token.token_id) if token.text is None else token.text
+
+
 def completion_logprobs(
     tokens: list[TokenChoice], token_text: TokenText, offset: int = 0
 ) -> dict[str, Any]:
     """OpenAI's legacy shape; `offset` is where the first token's text starts."""
-    texts = [token_text(token.token_id) for token in tokens]
+    texts = [_text(token, token_text) for token in tokens]
     offsets = []
     for text in texts:
         offsets.append(offset)

@@ -1,16 +1,25 @@
 """Request bodies of the HTTP API as pydantic models: they validate input (errors name the field)
-and give the JSON schemas behind /openapi.json. Unknown fields are ignored, as OpenAI's own
-clients send fields a server may not know.
+and give the JSON schemas behind /openapi.json.
+
+As OpenAI does, a field sent as `null` gets its default. A field this server does not implement
+(`tools`, say) is refused with a 400 naming it, rather than dropped: a client relying on it would
+otherwise get an answer that silently ignores what it asked for. A few fields that change nothing
+about the answer (`store`, `metadata`, `service_tier`) are accepted and ignored. Every integer is
+bounded, and no string may hold a lone UTF-16 surrogate (JSON's "\\ud800"), which no tokenizer
+can encode.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # token counts, token ids, top_k
+MAX_PROMPTS = 64  # prompts in one /v1/completions call
 
 
 def _default(neutral: str) -> str:
@@ -18,7 +27,37 @@ def _default(neutral: str) -> str:
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+    IGNORED: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_and_unknowns(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = {key: value for key, value in data.items() if value is not None}
+        for key in given:
+            if key not in cls.model_fields and key not in cls.IGNORED:
+                raise ValueError(f"{key}: this server does not support this field")
+        for key, value in given.items():
+            _check_text(value, key)
+        return {key: value for key, value in given.items() if key not in cls.IGNORED}
+
+
+def _check_text(value: Any, path: str) -> None:
+    """ValueError naming `path` if a string in `value` cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{path}: the text holds a lone UTF-16 surrogate") from None
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_text(item, f"{path}.{index}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, path)
+            _check_text(item, f"{path}.{key}")
 
 
 class TextPart(Body):
@@ -48,15 +87,17 @@ class ResponseFormat(Body):
 class SamplingFields(Body):
     """Fields chat and completions share."""
 
+    IGNORED = frozenset({"store", "metadata", "service_tier"})
+
     model: str | None = Field(None, description="Accepted and ignored: one model is served.")
     # Left out or null: the model's recommendation (mlc-chat-config.json's `sampling`).
     temperature: float | None = Field(None, ge=0.0, le=2.0, description=_default("1.0; 0: greedy"))
     top_p: float | None = Field(None, gt=0.0, le=1.0, description=_default("1.0"))
-    top_k: int | None = Field(None, ge=0, description=_default("0: no top-k filtering"))
+    top_k: Count | None = Field(None, description=_default("0: no top-k filtering"))
     min_p: Probability | None = Field(None, description=_default("0.0"))
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description=_default("1.0"))
@@ -79,10 +120,10 @@ class SamplingFields(Body):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_gen_len: int | None = Field(None, ge=1, description="MLC-Chat 2023: max_tokens.")
-    mean_gen_len: int | None = Field(None, description="MLC-Chat 2023: accepted and ignored.")
+    max_tokens: Count | None = Field(None, ge=1)
+    max_completion_tokens: Count | None = Field(None, ge=1)
+    max_gen_len: Count | None = Field(None, ge=1, description="MLC-Chat 2023: max_tokens.")
+    mean_gen_len: Count | None = Field(None, description="MLC-Chat 2023: accepted and ignored.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -99,9 +140,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, texts, token ids, or lists of token ids."
+        description=f"Text, texts, token ids, or lists of token ids ({MAX_PROMPTS} at most)."
     )
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: Count = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -113,12 +154,16 @@ class CompletionRequest(SamplingFields):
     def _check_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: must not be empty")
+        several = isinstance(self.prompt, list) and isinstance(self.prompt[0], str | list)
+        if several and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts in one request")
         if self.suffix:
             raise ValueError("suffix: not supported")
         return self
 
 
 class TokenizeRequest(Body):
+    model: str | None = Field(None, description="Accepted and ignored: one model is served.")
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
@@ -131,4 +176,5 @@ class TokenizeRequest(Body):
 
 
 class DetokenizeRequest(Body):
-    tokens: list[Annotated[int, Field(ge=0)]]
+    model: str | None = Field(None, description="Accepted and ignored: one model is served.")
+    tokens: list[Count]

@@ -146,7 +146,7 @@ class Service:
         self, prompts: list[list[int]], params: SamplingParams, stops: list[str]
     ) -> Generation:
         """Route to an engine (429 / 503 when none can take it); runs once iterated."""
-        client = self.engines.pick()
+        client = self.engines.pick(len(prompts) * params.n)
         self.metrics.prompt(sum(len(prompt) for prompt in prompts))
         return Generation(
             client, self.tokenizer, uuid.uuid4().hex, prompts, params, stops, self.metrics

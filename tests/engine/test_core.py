@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import LoadedModel
 
-from mlc_engine.common.protocol import AddRequest, SamplingParams, SequenceOutput
+from mlc_engine.common.protocol import AddRequest, ErrorCode, SamplingParams, SequenceOutput
 from mlc_engine.engine.core import Engine, EngineConfig
 from mlc_engine.engine.sampler import log_softmax
 
@@ -176,3 +176,30 @@ def test_max_tokens_zero_returns_only_prompt_logprobs(tiny: LoadedModel) -> None
     assert only.token_ids == [] and only.finish_reason == "length"
     assert only.prompt_logprobs is not None and len(only.prompt_logprobs) == 37
     assert all(entry is not None and len(entry.top) == 1 for entry in only.prompt_logprobs[1:])
+
+
+def test_a_full_engine_refuses_by_sequences_and_runs_what_it_took(tiny: LoadedModel) -> None:
+    """Room is max_num_seqs + max_queue sequences, n of each request counting."""
+    engine = Engine(tiny.runtime, EngineConfig(max_num_seqs=2, max_queue=1))
+    taken = [request("two", PROMPTS[0], n=2, max_tokens=3), request("one", PROMPTS[1])]
+    assert engine.add(taken[0]) == [] and engine.add(taken[1]) == []
+    (refused,) = engine.add(request("more", PROMPTS[1], max_tokens=3))
+    assert refused.finish_reason == "error" and refused.error_code == ErrorCode.QUEUE_FULL
+    assert "3 sequences running or waiting, 3 at most" in (refused.error or "")
+    outputs = run(engine, [])
+    assert {key for key, got in outputs.items() if got[-1].finish_reason} == {
+        ("two", 0),
+        ("two", 1),
+        ("one", 0),
+    }
+    assert engine.add(request("more", PROMPTS[1], max_tokens=3)) == []  # room again
+
+
+def test_a_sampled_stop_token_is_the_last_output_token(tiny: LoadedModel) -> None:
+    """The stop token that ended a choice comes out with its logprob, as vLLM reports it."""
+    engine = Engine(tiny.runtime, EngineConfig())
+    eos = tiny.runtime.config.eos_token_ids[0]
+    forced = request("s", PROMPTS[0], max_tokens=5, logprobs=True, logit_bias={eos: 100.0})
+    (only,) = run(engine, [forced])[("s", 0)]
+    assert only.token_ids == [eos] and only.finish_reason == "stop"
+    assert only.logprobs is not None and only.logprobs[0].logprob < 0

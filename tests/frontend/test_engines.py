@@ -28,7 +28,7 @@ def test_a_request_waits_for_a_handshake_under_way(
             await pool.wait_ready(seconds=0.2)
         with engine_process(tiny_model("q0f32").folder, run_dir):
             await pool.wait_ready(seconds=120)
-            assert pool.pick().info is not None
+            assert pool.pick(1).info is not None
             await pool.close()
         await connecting
 
