@@ -54,6 +54,7 @@ class ErrorCode(enum.StrEnum):
     """What kind of failure an error output is, where the frontend answers each differently."""
 
     QUEUE_FULL = "queue_full"  # the engine is full: come back later (HTTP 429)
+    INVALID_REQUEST = "invalid_request"  # the request itself is wrong (HTTP 400)
 
 
 class ProtocolError(ValueError):
@@ -80,6 +81,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
+    grammar: str | None = None  # llguidance's grammar definition that the output must match
 
     def check(self, vocab_size: int) -> None:
         """Raise ValueError naming the first field out of range."""

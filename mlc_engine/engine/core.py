@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from mlc_engine.common.protocol import (
     SequenceOutput,
     StatsSnapshot,
 )
+from mlc_engine.engine.grammar import GrammarError, Grammars, allowed_tokens, refusal
 from mlc_engine.engine.runtime import ModelRuntime
 from mlc_engine.engine.sampler import Sample, Sampler, token_logprobs
 from mlc_engine.engine.scheduler import Batch, Chunk, Scheduler, pages_for
@@ -60,6 +62,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_batch_tokens)
         self.sampler = Sampler()
         self.eos_token_ids = set(model.eos_token_ids)
+        self.grammars = Grammars(runtime.model_folder, model.vocab_size, model.eos_token_ids)
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = StatsSnapshot()
         self._next_seq_id = 0
@@ -96,11 +99,19 @@ class Engine:
         problem = self._check(request)
         if problem:
             self.stats.requests_failed += 1
-            return [_error(request.request_id, 0, problem)]
+            return [_error(request.request_id, 0, problem, ErrorCode.INVALID_REQUEST)]
         if self._open_sequences() + request.params.n > self._room:
             return [_error(request.request_id, 0, self._full_message(), ErrorCode.QUEUE_FULL)]
         now = time.monotonic()
         choices = [self._new_sequence(request, i, now) for i in range(request.params.n)]
+        if request.params.grammar is not None:
+            try:
+                for choice in choices:
+                    choice.matcher = self.grammars.matcher(request.params.grammar)
+            except GrammarError as error:
+                self.stats.requests_failed += 1
+                message = f"the grammar does not compile: {error}"
+                return [_error(request.request_id, 0, message, ErrorCode.INVALID_REQUEST)]
         choices[0].children = choices[1:]
         self.requests[request.request_id] = choices
         self.scheduler.add(choices[0])
@@ -172,6 +183,10 @@ class Engine:
         return outputs
 
     def _run(self, batch: Batch) -> list[SequenceOutput]:
+        # The grammar masks of the tokens sampled in this step, computed while the model runs.
+        samplers = [chunk.seq for chunk in batch.prefills if chunk.completes]
+        samplers = [*samplers, *(c for s in samplers for c in s.children), *batch.decodes]
+        masks = self.grammars.start_masks(samplers)
         ready: list[tuple[Sequence, np.ndarray]] = []
         if batch.prefills:
             ready += self._prefill(batch.prefills)
@@ -185,12 +200,31 @@ class Engine:
                 continue
             to_sample.append((seq, logits))
             to_sample += [(child, logits) for child in self._fork(seq)]
+        allowed = self._allowed(masks, samplers)
+        for seq, _ in to_sample:  # a grammar that allows nothing ends its own request only
+            if seq.seq_id in allowed and not allowed[seq.seq_id].any():
+                outputs += self._fail_request(seq.request_id, "the grammar allows no next token")
+        to_sample = [(seq, logits) for seq, logits in to_sample if seq.request_id in self.requests]
         if to_sample:
             rows = np.stack([logits for _, logits in to_sample])
             seqs = [seq for seq, _ in to_sample]
-            for seq, sample in zip(seqs, self.sampler.sample(rows, seqs), strict=True):
-                outputs.append(self._accept(seq, sample))
+            by_row = {i: allowed[s.seq_id] for i, s in enumerate(seqs) if s.seq_id in allowed}
+            for seq, sample in zip(seqs, self.sampler.sample(rows, seqs, by_row), strict=True):
+                if seq.request_id in self.requests:  # not failed by another choice just now
+                    outputs.append(self._accept(seq, sample))
         return outputs
+
+    def _allowed(
+        self, masks: Future[np.ndarray] | None, samplers: list[Sequence]
+    ) -> dict[int, np.ndarray]:
+        """Sequence id -> the tokens its grammar allows next, for the constrained `samplers`."""
+        if masks is None:
+            return {}
+        bitmask = masks.result()
+        constrained = [seq for seq in samplers if seq.matcher is not None]
+        vocab = self.runtime.config.vocab_size
+        rows = zip(constrained, bitmask, strict=True)
+        return {seq.seq_id: allowed_tokens(row, vocab) for seq, row in rows}
 
     def _prefill(self, chunks: list[Chunk]) -> list[tuple[Sequence, np.ndarray]]:
         start = time.perf_counter()
@@ -260,11 +294,15 @@ class Engine:
     def _accept(self, seq: Sequence, sample: Sample) -> SequenceOutput:
         token = sample.token
         params = seq.params
+        problem = refusal(seq, token)
+        if problem:
+            (failed,) = self._fail_request(seq.request_id, problem)
+            return failed
         seq.append(token)
         logprobs = [sample.logprob] if sample.logprob else None
-        if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.eos_token_ids
-        ):
+        # A grammar's output ends at the EOS it allows once complete, ignore_eos or not.
+        ends_at_eos = not params.ignore_eos or seq.matcher is not None
+        if token in params.stop_token_ids or (ends_at_eos and token in self.eos_token_ids):
             return self._finish(seq, [token], logprobs, FinishReason.STOP)
         if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= min(
             self.runtime.config.context_window_size, self.capacity
@@ -297,14 +335,18 @@ class Engine:
     def _fail(self, batch: Batch, message: str) -> list[SequenceOutput]:
         request_ids = {chunk.seq.request_id for chunk in batch.prefills}
         request_ids |= {seq.request_id for seq in batch.decodes}
-        outputs = []
-        for request_id in request_ids:
-            for seq in self.requests.pop(request_id, []):
-                if seq.status is not Status.FINISHED:
-                    self.scheduler.remove(seq)
-            outputs.append(_error(request_id, 0, message))
-            self.stats.requests_failed += 1
-        return outputs
+        return [output for rid in request_ids for output in self._fail_request(rid, message)]
+
+    def _fail_request(self, request_id: str, message: str) -> list[SequenceOutput]:
+        """End every choice of a request with one error output (none if it already ended)."""
+        choices = self.requests.pop(request_id, None)
+        if choices is None:
+            return []
+        for seq in choices:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.remove(seq)
+        self.stats.requests_failed += 1
+        return [_error(request_id, 0, message)]
 
     def _output(
         self,

@@ -93,6 +93,7 @@ class ModelRuntime:
         num_threads: int | None = None,
     ):
         self.num_threads = use_threads(num_threads)
+        self.model_folder = model_folder
         self.config = ModelConfig.load(model_folder)
         self.device = device
         executable = tvm.runtime.load_module(str(lib_path))

@@ -120,14 +120,22 @@ def _draw(seq: Sequence, scaled: np.ndarray) -> int:
 class Sampler:
     """Samples a token for each row of a batch's logits."""
 
-    def sample(self, logits: np.ndarray, seqs: Seq[Sequence]) -> list[Sample]:
-        """`logits[i]` are the logits after `seqs[i]`'s last token."""
+    def sample(
+        self,
+        logits: np.ndarray,
+        seqs: Seq[Sequence],
+        allowed: dict[int, np.ndarray] | None = None,
+    ) -> list[Sample]:
+        """`logits[i]` are the logits after `seqs[i]`'s last token; `allowed[i]`, when given,
+        the tokens row i may pick (a grammar's mask)."""
         processed = logits
         penalized = [i for i, seq in enumerate(seqs) if _has_penalties(seq.params)]
-        if penalized:
+        if penalized or allowed:
             processed = logits.copy()
             for i in penalized:
                 _apply_penalties(processed[i], seqs[i])
+            for i, tokens in (allowed or {}).items():
+                processed[i][~tokens] = -np.inf
         temperatures = np.array([seq.params.temperature for seq in seqs], dtype=np.float32)
         tokens = np.argmax(processed, axis=-1)
         for i in np.flatnonzero(temperatures > GREEDY_TEMPERATURE).tolist():

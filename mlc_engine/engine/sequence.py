@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mlc_engine.common.protocol import AddRequest, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    import llguidance
 
 
 class Status(enum.Enum):
@@ -44,6 +48,8 @@ class Sequence:
         # Each choice draws from its own stream, so its tokens do not depend on the batch.
         self.rng = np.random.default_rng(None if seed is None else [seed % 2**64, index])
         self.output_counts: dict[int, int] = {}
+        # What the request's grammar allows next (engine/grammar.py); None: unconstrained.
+        self.matcher: llguidance.LLMatcher | None = None
 
     @property
     def params(self) -> SamplingParams:

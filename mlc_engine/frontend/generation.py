@@ -22,6 +22,7 @@ from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.protocol import ErrorCode, SamplingParams, SequenceOutput, TokenLogprob
 from mlc_engine.frontend.errors import (
     APIError,
+    BadRequestError,
     EngineFailureError,
     QueueFullError,
     UnavailableError,
@@ -166,6 +167,8 @@ class Generation:
         message = output.error or "the engine failed the request"
         if output.error_code == ErrorCode.QUEUE_FULL:
             return QueueFullError(message)
+        if output.error_code == ErrorCode.INVALID_REQUEST:
+            return BadRequestError(message)
         if self.client.dead is not None:
             return UnavailableError(message)
         return EngineFailureError(message)

@@ -36,8 +36,9 @@ class Body(BaseModel):
         if not isinstance(data, dict):
             return data
         given = {key: value for key, value in data.items() if value is not None}
+        known = {field.alias or name for name, field in cls.model_fields.items()}
         for key in given:
-            if key not in cls.model_fields and key not in cls.IGNORED:
+            if key not in known and key not in cls.IGNORED:
                 raise ValueError(f"{key}: this server does not support this field")
         for key, value in given.items():
             _check_text(value, key)
@@ -80,8 +81,40 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Body):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = Field(None, description="Accepted: the schema is always enforced.")
+
+
 class ResponseFormat(Body):
-    type: Literal["text"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: give it exactly when type is json_schema")
+        return self
+
+
+class StructuredOutputs(Body):
+    """Beyond OpenAI, as vLLM names it: constrain the output by one of these."""
+
+    json_schema: dict[str, Any] | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = Field(None, description="A regular expression (Rust regex syntax).")
+    grammar: str | None = Field(None, description="A Lark grammar (llguidance's) or a GBNF one.")
+    choice: list[str] | None = Field(None, min_length=1, description="One of these strings.")
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [self.json_schema, self.regex, self.grammar, self.choice]
+        if sum(item is not None for item in given) != 1:
+            raise ValueError("structured_outputs: give exactly one of json, regex, grammar, choice")
+        return self
 
 
 class SamplingFields(Body):
@@ -106,6 +139,15 @@ class SamplingFields(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> SamplingFields:
+        formatted = self.response_format is not None and self.response_format.type != "text"
+        if formatted and self.structured_outputs is not None:
+            raise ValueError("structured_outputs: not together with a response_format")
+        return self
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -126,7 +168,6 @@ class ChatCompletionRequest(SamplingFields):
     mean_gen_len: Count | None = Field(None, description="MLC-Chat 2023: accepted and ignored.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens or self.max_gen_len

@@ -23,6 +23,7 @@ from mlc_engine.frontend.schemas import (
     CompletionRequest,
 )
 from mlc_engine.frontend.settings import ServeSettings
+from mlc_engine.frontend.structured import request_grammar
 from mlc_engine.frontend.text import ChatTemplate, ChatTemplateError, Tokenizer
 
 Body = TypeVar("Body", bound=pydantic.BaseModel)
@@ -123,6 +124,7 @@ class Service:
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            grammar=request_grammar(request),
         )
         try:
             params.check(self.config.vocab_size)
