@@ -57,6 +57,11 @@ class Grammars:
             self._compiled.move_to_end(grammar)
             return compiled.deep_copy()
 
+    @property
+    def num_compiled(self) -> int:
+        """Grammars compiled and cached."""
+        return len(self._compiled)
+
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         """Loaded on first use (a quarter of a second): engines that never see a grammar skip it."""
         if self._tokenizer is None:
