@@ -39,7 +39,9 @@ class Grammars:
         self._eos_token_ids = eos_token_ids
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
-        self._executor = llguidance.LLExecutor()
+        # One thread: its masks take about 1 ms a step for 16 sequences, and more threads would
+        # contend with the model's own thread pool, which the step is waiting on.
+        self._executor = llguidance.LLExecutor(num_threads=1)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self._lock = threading.Lock()  # the cache and the tokenizer are built on two threads
 
