@@ -315,14 +315,18 @@ def serve(
     workers: int = 1,
     allowed_origins: list[str] | None = None,
     engine_options: list[str] | None = None,
+    tool_call_parser: str | None = None,
 ) -> None:
     """Prepare the model (convert and compile once, here), then start one engine per device and
     the HTTP frontend; returns when the server is stopped."""
     from mlc_engine.frontend.settings import API_STYLES, ServeSettings
     from mlc_engine.frontend.supervisor import serve as run_server
+    from mlc_engine.frontend.tools import PARSERS
 
     if api_style not in API_STYLES:
         raise MLCEngineError(f"--api-style must be one of {', '.join(API_STYLES)}")
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise MLCEngineError(f"--tool-call-parser must be one of {', '.join(PARSERS)}")
     chosen = [_device(text.strip()) for text in devices.split(",") if text.strip()]
     if not chosen:
         raise MLCEngineError("--device names no device")
@@ -340,6 +344,7 @@ def serve(
         api_key=api_key,
         max_queue=max_queue,
         allowed_origins=list(allowed_origins or []),
+        tool_call_parser=tool_call_parser,
         url=f"http://{host}:{port}",
     )
     console.print(
@@ -393,6 +398,13 @@ def serve_command(
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 32,
     max_total_tokens: Annotated[int, typer.Option("--max-total-tokens", min=0)] = 0,
     max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=16)] = 512,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-call-parser",
+            help="hermes or llama3_json (default: the one the chat template's model writes).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the model over HTTP: the OpenAI API and MLC-Chat's REST API."""
     options = ["--max-num-seqs", str(max_num_seqs), "--max-total-tokens", str(max_total_tokens)]
@@ -402,7 +414,7 @@ def serve_command(
     try:
         serve(
             model, lib_path, device, host, port, api_style, api_key, max_queue, workers,
-            allowed_origins, options,
+            allowed_origins, options, tool_call_parser,
         )  # fmt: skip
     except (MLCEngineError, ValueError, OSError) as error:
         raise _fail(error) from None

@@ -26,6 +26,7 @@ from mlc_engine.frontend.responses import (
 )
 from mlc_engine.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from mlc_engine.frontend.service import Service
+from mlc_engine.frontend.tools import ParsedCall, ToolCallParser
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class ChatCompletions(_GenerationRoute):
         service = self.service
         body = await service.read(req, ChatCompletionRequest)
         await service.engines.wait_ready()
-        prompt = service.chat_prompt(body.messages)
+        prompt = service.chat_prompt(body.messages, body.called_tools())
         top = body.top_logprobs or 0
         params = service.sampling_params(body, [prompt], body.logprobs, top)
         generation = service.start([prompt], params, body.stop_strings())
@@ -150,25 +151,37 @@ class ChatCompletions(_GenerationRoute):
             return sse({**ids.head("chat.completion.chunk"), "choices": choices, **extra})
 
         opened: set[int] = set()
+        parsers = {i: service.tool_call_parser(body) for i in range(body.n)}
 
         def render(delta: Delta) -> list[bytes]:
             events = []
-            if delta.index not in opened:
-                opened.add(delta.index)
+            index = delta.index
+            if index not in opened:
+                opened.add(index)
                 role = {"role": "assistant", "content": ""}
-                events.append(chunk([{"index": delta.index, "delta": role, "finish_reason": None}]))
-            if delta.text or delta.tokens:
+                events.append(chunk([{"index": index, "delta": role, "finish_reason": None}]))
+            text, calls = _split_calls(parsers[index], delta)
+            if text or delta.tokens:
                 choice: dict[str, Any] = {
-                    "index": delta.index,
-                    "delta": {"content": delta.text},
+                    "index": index,
+                    "delta": {"content": text},
                     "finish_reason": None,
                 }
                 if body.logprobs:
                     choice["logprobs"] = chat_logprobs(delta.tokens, service.token_text)
                 events.append(chunk([choice]))
+            for call in calls:  # its id and name, then its arguments
+                head = {"index": call.index, "id": call.id, "type": "function"}
+                head["function"] = {"name": call.name, "arguments": ""}
+                arguments = {"index": call.index, "function": {"arguments": call.arguments}}
+                for part in (head, arguments):
+                    tool_delta = {"tool_calls": [part]}
+                    events.append(
+                        chunk([{"index": index, "delta": tool_delta, "finish_reason": None}])
+                    )
             if delta.finish_reason:
-                end = {"index": delta.index, "delta": {}, "finish_reason": delta.finish_reason}
-                events.append(chunk([end]))
+                reason = _finish_reason(parsers[index], delta.finish_reason)
+                events.append(chunk([{"index": index, "delta": {}, "finish_reason": reason}]))
             return events
 
         def tail() -> list[bytes]:
@@ -185,11 +198,24 @@ class ChatCompletions(_GenerationRoute):
     ) -> dict[str, Any]:
         choices = []
         for whole in await _merged(deltas, body.n):
+            parser = self.service.tool_call_parser(body)
+            text, calls = _split_calls(parser, whole)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message["content"] = text or None
+                message["tool_calls"] = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                    for call in calls
+                ]
             choice: dict[str, Any] = {
                 "index": whole.index,
-                "message": {"role": "assistant", "content": whole.text},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": whole.finish_reason,
+                "finish_reason": _finish_reason(parser, whole.finish_reason or "stop"),
             }
             if body.logprobs:
                 choice["logprobs"] = chat_logprobs(whole.tokens, self.service.token_text)
@@ -199,6 +225,24 @@ class ChatCompletions(_GenerationRoute):
             "choices": choices,
             "usage": generation.usage.as_dict(),
         }
+
+
+def _split_calls(parser: ToolCallParser | None, delta: Delta) -> tuple[str, list[ParsedCall]]:
+    """A choice's new text as content and the tool calls it completed (all of it is content
+    when the request offers no tools)."""
+    if parser is None:
+        return delta.text, []
+    text, calls = parser.push(delta.text)
+    if delta.finish_reason:
+        rest, more = parser.finish()
+        text, calls = text + rest, calls + more
+    return text, calls
+
+
+def _finish_reason(parser: ToolCallParser | None, reason: str) -> str:
+    """OpenAI's "tool_calls" for a choice that stopped after calling tools."""
+    called = parser is not None and parser.calls
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class Completions(_GenerationRoute):

@@ -66,10 +66,26 @@ class TextPart(Body):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+
+
+class FunctionCall(Body):
+    name: FunctionName
+    arguments: str = Field(description="The arguments as a JSON object, in a string.")
+
+
+class ToolCall(Body):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant's calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -160,8 +176,37 @@ class SamplingFields(Body):
         return self
 
 
+class FunctionDefinition(Body):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="A JSON schema of the arguments object.",
+    )
+    strict: bool | None = Field(None, description="Accepted: arguments always follow the schema.")
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Body):
+    name: FunctionName
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto when tools are given, else none."
+    )
+    parallel_tool_calls: bool = True
     max_tokens: Count | None = Field(None, ge=1)
     max_completion_tokens: Count | None = Field(None, ge=1)
     max_gen_len: Count | None = Field(None, ge=1, description="MLC-Chat 2023: max_tokens.")
@@ -177,6 +222,27 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs set to true")
         return self
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: required needs tools")
+        calls = bool(self.called_tools())
+        if calls and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: not together with tool calls")
+        if calls and self.structured_outputs is not None:
+            raise ValueError("structured_outputs: not together with tool calls")
+        return self
+
+    def called_tools(self) -> list[Tool]:
+        """The tools the model may call (none with tool_choice none)."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
 
 
 class CompletionRequest(SamplingFields):

@@ -21,10 +21,18 @@ from mlc_engine.frontend.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    Tool,
 )
 from mlc_engine.frontend.settings import ServeSettings
 from mlc_engine.frontend.structured import request_grammar
 from mlc_engine.frontend.text import ChatTemplate, ChatTemplateError, Tokenizer
+from mlc_engine.frontend.tools import (
+    ToolCallParser,
+    parser_for,
+    prompt_messages,
+    template_takes_tools,
+    tool_grammar,
+)
 
 Body = TypeVar("Body", bound=pydantic.BaseModel)
 # MLC-Chat's 2023 server capped replies at its config's max_gen_len, 512 by default.
@@ -38,6 +46,8 @@ class Service:
         self.config = ModelConfig.load(folder)
         self.tokenizer = Tokenizer.from_folder(folder, self.config)
         self.template = ChatTemplate.from_config(self.config, self.tokenizer)
+        self.template_takes_tools = template_takes_tools(self.template.source)
+        self.tool_parser = settings.tool_call_parser or parser_for(self.template.source)
         self.engines = EnginePool(settings.engines, settings.max_queue)
         self.metrics = Metrics(self.engines.snapshots)
         self.model_name = settings.model_name
@@ -61,10 +71,15 @@ class Service:
         except pydantic.ValidationError as error:
             raise _bad_field(error) from None
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        rendered = [{"role": m.role, "content": m.text()} for m in messages]
+    def chat_prompt(
+        self, messages: list[ChatMessage], tools: list[Tool] | None = None
+    ) -> list[int]:
+        """The prompt of a conversation, with the tools the model may call."""
+        rendered, tools_variable = prompt_messages(
+            messages, tools or [], self.template_takes_tools, self.tool_parser
+        )
         try:
-            return self.tokenizer.encode(self.template.render(rendered))
+            return self.tokenizer.encode(self.template.render(rendered, tools=tools_variable))
         except ChatTemplateError as error:
             raise BadRequestError(str(error), param="messages") from None
 
@@ -124,13 +139,25 @@ class Service:
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
-            grammar=request_grammar(request),
+            grammar=self._grammar(request),
         )
         try:
             params.check(self.config.vocab_size)
         except ValueError as error:
             raise BadRequestError(str(error), param=str(error).split()[0]) from None
         return params
+
+    def _grammar(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
+        if isinstance(request, ChatCompletionRequest) and request.called_tools():
+            return tool_grammar(request, self.tool_parser)
+        return request_grammar(request)
+
+    def tool_call_parser(self, request: ChatCompletionRequest) -> ToolCallParser | None:
+        """A parser of one choice's tool calls, when the request offers tools."""
+        tools = request.called_tools()
+        if not tools:
+            return None
+        return ToolCallParser(self.tool_parser, {tool.function.name for tool in tools})
 
     def _sampling(self, request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         """The request's temperature, top_p, top_k, min_p and repetition_penalty; the model's

@@ -20,6 +20,7 @@ class ServeSettings:
     max_queue: int = 256  # requests waiting per engine beyond what it runs at once
     allowed_origins: list[str] = dataclasses.field(default_factory=list)
     max_body_bytes: int = 8 * 1024 * 1024
+    tool_call_parser: str | None = None  # None: the one the chat template's model writes
     url: str = ""
 
     def to_env(self) -> None:

@@ -98,12 +98,11 @@ def test_explicit_null_means_the_default(tiny_server_url: str) -> None:
 @pytest.mark.parametrize(
     ("route", "body", "param"),
     [
-        (CHAT, {"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
-        (CHAT, {"messages": HELLO, "tool_choice": "auto"}, "tool_choice"),
         (CHAT, {"messages": HELLO, "functions": []}, "functions"),
+        (CHAT, {"messages": HELLO, "function_call": "auto"}, "function_call"),
         (CHAT, {"messages": HELLO, "temprature": 0.5}, "temprature"),
         (COMPLETIONS, {"prompt": "Hi", "best_of": 2}, "best_of"),
-        (CHAT, {"messages": [{"role": "assistant", "tool_calls": []}]}, "messages.0"),
+        (CHAT, {"messages": [{"role": "assistant", "function_call": {}}]}, "messages.0"),
     ],
 )
 def test_fields_not_implemented_are_refused_by_name(
