@@ -90,6 +90,7 @@ class Models:
             "object": "model",
             "created": 0,
             "owned_by": "mlc-engine",
+            "capabilities": self.service.capabilities(),
         }
         resp.media = {"object": "list", "data": [model]}
 

@@ -147,6 +147,16 @@ class Service:
             raise BadRequestError(str(error), param=str(error).split()[0]) from None
         return params
 
+    def capabilities(self) -> dict[str, Any]:
+        """What /v1/models says the served model can do beyond plain text."""
+        return {
+            "response_format": ["text", "json_object", "json_schema"],
+            "structured_outputs": ["json", "regex", "grammar", "choice"],
+            "tools": True,
+            "tool_call_parser": self.tool_parser,
+            "chat_template_takes_tools": self.template_takes_tools,
+        }
+
     def _grammar(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
         if isinstance(request, ChatCompletionRequest) and request.called_tools():
             return tool_grammar(request, self.tool_parser)

@@ -234,3 +234,11 @@ def test_a_conversation_continues_after_a_tool_result(client: openai.OpenAI) -> 
     answer = _create(client, messages=history, tool_choice="none").choices[0]
     assert answer.finish_reason in ("stop", "length") and not answer.message.tool_calls
     assert answer.message.content
+
+
+def test_models_say_what_structured_features_the_model_has(tiny_server_url: str) -> None:
+    (model,) = httpx.get(f"{tiny_server_url}/v1/models", timeout=30).json()["data"]
+    capabilities = model["capabilities"]
+    assert capabilities["tools"] is True and capabilities["tool_call_parser"] == "hermes"
+    assert capabilities["chat_template_takes_tools"] is False  # SmolLM2's template has no tools
+    assert "json_schema" in capabilities["response_format"]
