@@ -209,3 +209,21 @@ def test_json_object_output_parses_on_the_default_model(smollm2_client: openai.O
     content = completion.choices[0].message.content or ""
     assert completion.choices[0].finish_reason == "stop", content
     assert isinstance(json.loads(content), dict)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampled_choices_of_the_default_model_validate(
+    smollm2_client: openai.OpenAI, seed: int
+) -> None:
+    completion = smollm2_client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": "Describe a tool in a shop as JSON."}],
+        response_format=ITEM_FORMAT,  # type: ignore[arg-type]
+        n=3,
+        seed=seed,
+        temperature=1.0,
+        max_tokens=300,
+    )
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content or ""), ITEM)
