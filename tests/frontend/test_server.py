@@ -203,6 +203,12 @@ def test_openapi_lists_every_endpoint_and_docs_are_served(tiny_server_url: str) 
         assert path in spec["paths"]
     chat_schema = spec["components"]["schemas"]["ChatCompletionRequest"]
     assert "stream_options" in chat_schema["properties"]
+    replies = spec["paths"][CHAT]["post"]["responses"]
+    ok = replies["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+    assert ok["text/event-stream"]["schema"]["$ref"].endswith("/StreamEvent")
+    error = replies["default"]["content"]["application/json"]["schema"]
+    assert error["$ref"].endswith("/ErrorResponse")
     page = httpx.get(f"{tiny_server_url}/docs")
     assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
     script = httpx.get(f"{tiny_server_url}/docs/static/swagger-ui-bundle.js")
