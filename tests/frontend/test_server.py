@@ -107,6 +107,9 @@ def test_stop_strings_cut_the_text(tiny_server_url: str) -> None:
         ({"messages": HELLO, "temperature": "hot"}, "temperature"),
         ({"messages": HELLO, "temperature": 3}, "temperature"),
         ({"messages": HELLO, "top_p": 0}, "top_p"),
+        # Each rounded to 0 in the engine's float32 sampling and failed its whole step (a 500).
+        ({"messages": HELLO, "top_p": 5e-324}, "top_p"),
+        ({"messages": HELLO, "repetition_penalty": 1e-300}, "repetition_penalty"),
         ({"messages": HELLO, "n": 0}, "n"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
