@@ -3,6 +3,7 @@ served from the swagger-ui-bundle package (no network needed)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,26 @@ class Endpoint:
     media_type: str = falcon.MEDIA_JSON
 
 
+HELLO = [{"role": "user", "content": "Say hello"}]
+# Request bodies to start from in /docs ("Try it out"), by route.
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {
+        "whole": {"messages": HELLO, "max_tokens": 16},
+        "streamed": {
+            "messages": HELLO,
+            "max_tokens": 16,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    },
+    "/v1/completions": {
+        "whole": {"prompt": "Once upon a time", "max_tokens": 16},
+        "scored": {"prompt": "Paris is in", "max_tokens": 1, "logprobs": 2, "echo": True},
+        "streamed": {"prompt": ["Once upon a time", "Long ago"], "max_tokens": 16, "stream": True},
+    },
+    "/tokenize": {"text": {"prompt": "Hello world"}, "chat": {"messages": HELLO}},
+    "/detokenize": {"tokens": {"tokens": [40, 41, 42]}},
+}
 TEXT: dict[str, Any] = {"type": "string"}
 NULL: dict[str, Any] = {"type": "object", "nullable": True, "enum": [None], "description": "null"}
 STATS_TEXT = {"type": "string", "description": "MLC-Chat style: the statistics as text."}
@@ -150,10 +171,11 @@ def openapi_spec(title: str, api_style: str = "openai") -> dict[str, Any]:
             "responses": _responses(endpoint),
         }
         if endpoint.request is not None:
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": _schema(endpoint.request)}},
-            }
+            body: dict[str, Any] = {"schema": _schema(endpoint.request)}
+            if endpoint.path in EXAMPLES:
+                examples = copy.deepcopy(EXAMPLES[endpoint.path])
+                body["examples"] = {name: {"value": value} for name, value in examples.items()}
+            operation["requestBody"] = {"required": True, "content": {"application/json": body}}
         paths.setdefault(endpoint.path, {})[endpoint.method] = operation
     return {
         "openapi": "3.0.3",  # what the bundled Swagger UI 4 renders
