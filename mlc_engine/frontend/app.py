@@ -106,7 +106,7 @@ def create_app(settings: ServeSettings) -> ASGIApp:
     app.add_route("/tokenize", routes.Tokenize(service))
     app.add_route("/detokenize", routes.Detokenize(service))
     title = f"mlc-engine: {settings.model_name}"
-    app.add_route("/openapi.json", docs.OpenAPI(title))
+    app.add_route("/openapi.json", docs.OpenAPI(title, settings.api_style))
     app.add_route("/docs", docs.SwaggerUI(title))
     app.add_static_route("/docs/static", str(docs.static_folder()))
     return track_receive(app)

@@ -20,6 +20,9 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # token counts, token ids, top_k
 MAX_PROMPTS = 64  # prompts in one /v1/completions call
+# The least top_p and repetition_penalty: the engine samples in float32, where far smaller values
+# round to 0 or overflow the logits; a top_p this small keeps only the most likely token already.
+LEAST_FACTOR = 1e-6
 
 
 def _default(neutral: str) -> str:
@@ -141,7 +144,7 @@ class SamplingFields(Body):
     model: str | None = Field(None, description="Accepted and ignored: one model is served.")
     # Left out or null: the model's recommendation (mlc-chat-config.json's `sampling`).
     temperature: float | None = Field(None, ge=0.0, le=2.0, description=_default("1.0; 0: greedy"))
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description=_default("1.0"))
+    top_p: float | None = Field(None, ge=LEAST_FACTOR, le=1.0, description=_default("1.0"))
     top_k: Count | None = Field(None, description=_default("0: no top-k filtering"))
     min_p: Probability | None = Field(None, description=_default("0.0"))
     n: int = Field(1, ge=1, le=16)
@@ -149,7 +152,9 @@ class SamplingFields(Body):
     seed: Int64 | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description=_default("1.0"))
+    repetition_penalty: float | None = Field(
+        None, ge=LEAST_FACTOR, le=10.0, description=_default("1.0")
+    )
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False
     stream: bool = False

@@ -107,6 +107,9 @@ def test_stop_strings_cut_the_text(tiny_server_url: str) -> None:
         ({"messages": HELLO, "temperature": "hot"}, "temperature"),
         ({"messages": HELLO, "temperature": 3}, "temperature"),
         ({"messages": HELLO, "top_p": 0}, "top_p"),
+        # Each rounded to 0 in the engine's float32 sampling and failed its whole step (a 500).
+        ({"messages": HELLO, "top_p": 5e-324}, "top_p"),
+        ({"messages": HELLO, "repetition_penalty": 1e-300}, "repetition_penalty"),
         ({"messages": HELLO, "n": 0}, "n"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
@@ -203,6 +206,12 @@ def test_openapi_lists_every_endpoint_and_docs_are_served(tiny_server_url: str) 
         assert path in spec["paths"]
     chat_schema = spec["components"]["schemas"]["ChatCompletionRequest"]
     assert "stream_options" in chat_schema["properties"]
+    replies = spec["paths"][CHAT]["post"]["responses"]
+    ok = replies["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/ChatCompletion")
+    assert ok["text/event-stream"]["schema"]["$ref"].endswith("/StreamEvent")
+    error = replies["default"]["content"]["application/json"]["schema"]
+    assert error["$ref"].endswith("/ErrorResponse")
     page = httpx.get(f"{tiny_server_url}/docs")
     assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
     script = httpx.get(f"{tiny_server_url}/docs/static/swagger-ui-bundle.js")
