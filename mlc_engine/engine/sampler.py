@@ -100,6 +100,7 @@ def _filtered_candidates(
         keep &= (np.cumsum(probs) - probs) < params.top_p
     if params.min_p > 0:
         keep &= probs >= params.min_p * probs[0]
+    keep[0] = True  # the most likely token stays, however small top_p or large min_p
     return idx[keep], probs[keep]
 
 

@@ -103,3 +103,18 @@ def test_filters_reach_past_the_first_candidates_when_the_mass_is_spread(params:
     logits = np.linspace(0.0, 0.1, 1000, dtype=np.float32)
     found = draws(3000, logits, temperature=1.0, **params)
     assert np.count_nonzero(found) > 600
+
+
+def test_the_most_likely_token_survives_any_top_p() -> None:
+    """A top_p so small it rounds to 0 in float32 keeps the most likely token, rather than
+    failing the step (and every request in it)."""
+    found = draws(20, temperature=1.0, top_p=5e-324)
+    assert found[0] == 1.0
+
+
+def test_a_grammar_mask_leaves_only_its_tokens() -> None:
+    seq = sequence(seed=3, temperature=1.0)
+    allowed = np.zeros(VOCAB, bool)
+    allowed[[3, 5]] = True
+    tokens = {Sampler().sample(LOGITS[None, :], [seq], {0: allowed})[0].token for _ in range(200)}
+    assert tokens == {3, 5}
