@@ -97,7 +97,7 @@ class ModelRuntime:
         self.device = device
         executable = tvm.runtime.load_module(str(lib_path))
         self.vm = relax.VirtualMachine(executable, device)
-        column_block = self._check_library(lib_path, model_folder)
+        column_block, self.size_bounds = self._check_library(lib_path, model_folder)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
         try:
@@ -106,8 +106,9 @@ class ModelRuntime:
             self._decode_one = self._decode
         self.params = self._load_params(model_folder, column_block)
 
-    def _check_library(self, lib_path: Path, model_folder: Path) -> int:
-        """Refuse a library built for another model; returns the 4-bit layout it wants."""
+    def _check_library(self, lib_path: Path, model_folder: Path) -> tuple[int, tuple[int, int]]:
+        """Refuse a library built for another model; returns the 4-bit layout it wants and its
+        bounds on prefill tokens and decode batch (none in libraries from before them)."""
         built_for = json.loads(str(self.vm[METADATA_FUNCTION]()))
         expected = self.config.architecture_key()
         if built_for["architecture"] != expected:
@@ -119,7 +120,8 @@ class ModelRuntime:
                 f"(they differ in {', '.join(mismatched)}); drop --lib-path to compile a "
                 "matching one"
             )
-        return built_for.get("column_block", 0)  # libraries from before blocks: rows
+        bounds = built_for.get("max_prefill_tokens", 0), built_for.get("max_decode_batch", 0)
+        return built_for.get("column_block", 0), bounds  # libraries from before blocks: rows
 
     def _load_params(self, model_folder: Path, column_block: int) -> list[tvm.runtime.Tensor]:
         """The folder's weights in the definition's order, quantized arrays in the library's
@@ -147,6 +149,12 @@ class ModelRuntime:
         """A cache for up to `max_num_seqs` sequences and `max_total_tokens` tokens in all, in
         pages of PAGE_SIZE tokens (the compiled attention kernels assume that size)."""
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
+        max_tokens, max_batch = self.size_bounds
+        if max_tokens and chunk > max_tokens or max_batch and max_num_seqs > max_batch:
+            raise ValueError(
+                f"the model library runs at most {max_tokens} prefill tokens and {max_batch} "
+                f"sequences a step; asked for {chunk} and {max_num_seqs}"
+            )
         sizes = (max_num_seqs, max_total_tokens, chunk, PAGE_SIZE, 0)
         return KVCache(self.vm["create_kv_cache"](*(ShapeTuple([size]) for size in sizes)))
 
