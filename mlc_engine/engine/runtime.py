@@ -185,14 +185,18 @@ class ModelRuntime:
                 for start, length, whole in zip(starts, lengths, every, strict=True)
             ]
         ).astype(np.int32)
+        rows = len(positions)
+        # The logits are the VM's output, which its pool keeps a buffer for by size: padded to
+        # a few sizes (repeating the last position), they take a few buffers, not one per count.
+        padded = np.pad(positions, (0, logit_rows_bucket(rows) - rows), mode="edge")
         kv_cache.begin_forward(seq_ids, lengths)
         try:
             logits, _ = self._prefill(
-                self._tensor(flat), self._tensor(positions), kv_cache.handle, self.params
+                self._tensor(flat), self._tensor(padded), kv_cache.handle, self.params
             )
         finally:
             kv_cache.end_forward()
-        return _host_view(logits)[0]
+        return _host_view(logits)[0][:rows]
 
     def decode(
         self, kv_cache: KVCache, seq_ids: Sequence[int], token_ids: Sequence[int]
@@ -206,6 +210,14 @@ class ModelRuntime:
         finally:
             kv_cache.end_forward()
         return _host_view(logits)[:, 0, :]
+
+
+def logit_rows_bucket(rows: int) -> int:
+    """The logit rows a prefill computes for `rows` wanted: a multiple of 8 up to 32, then a
+    power of two (about ten sizes in all)."""
+    if rows <= 32:
+        return -(-rows // 8) * 8
+    return 1 << (rows - 1).bit_length()
 
 
 def _host_view(tensor: tvm.runtime.Tensor) -> np.ndarray:
