@@ -6,9 +6,10 @@ and completions, n 1-3, stop strings, logprobs, random max_tokens and temperatur
 of the streams are closed by the client mid-stream. Once the server is idle after a round it
 prints: requests finished, dropped (by the client, on purpose), lost (no answer, an error, or
 cut off at the round's time limit), corrupted (an answer whose token count disagrees with its
-usage, or that lacks a choice, its finish reason or its usage), the KV pages and sequences left
-in the engines (/verbose_stats), and the RSS of every server process (/proc). The end compares
-the run with the targets of issue 14. Nothing leaves 127.0.0.1.
+usage, or that lacks a choice, its finish reason or its usage), the most KV pages in use at
+once during the round and the pages and sequences left after it (/verbose_stats), and the RSS
+of every server process (/proc). The end compares the run with the targets of issue 14.
+Nothing leaves 127.0.0.1.
 
     python benchmarks/soak.py                       # 10 rounds of 300 requests, 32 in flight
     python benchmarks/soak.py --rounds 3 --requests 60
@@ -43,6 +44,7 @@ REQUEST_SECONDS = 120.0
 DROP_SHARE = 1 / 6
 FRONTEND_RSS_TARGET_MB = 150.0
 ENGINE_GROWTH_TARGET = 0.10
+PEAK_SECONDS = 0.25
 PAGE_SIZE = 16  # tokens per KV page (mlc_engine/engine/model/attention.py, not imported: TVM)
 
 
@@ -76,6 +78,7 @@ class RoundResult:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     pages_left: int = 0
+    peak_pages: int = 0  # the most KV pages in use at once, sampled every PEAK_SECONDS
     sequences_left: int = 0
     rss_mb: dict[str, float] = field(default_factory=dict)
 
@@ -214,12 +217,20 @@ async def run_round(
         async with limit:
             return await send(client, url, request)
 
+    async def watch_pages() -> None:
+        while True:
+            engines = await engine_stats(client, url)
+            used = sum(e["kv_pages_total"] - e["kv_pages_free"] for e in engines)
+            result.peak_pages = max(result.peak_pages, used)
+            await asyncio.sleep(PEAK_SECONDS)
+
     start = time.perf_counter()
+    watcher = asyncio.create_task(watch_pages())
     tasks = [asyncio.create_task(one(request)) for request in requests]
     done, pending = await asyncio.wait(tasks, timeout=seconds)
-    for task in pending:
+    for task in [*pending, watcher]:
         task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*pending, watcher, return_exceptions=True)
     result.seconds = time.perf_counter() - start
     result.outcomes[Outcome.LOST] += len(pending)
     for task in done:
@@ -319,7 +330,8 @@ def _row(index: str, result: RoundResult) -> str:
     counts = " ".join(f"{o.value} {result.outcomes[o]:4d}" for o in Outcome)
     rss = " ".join(f"{name} {mb:6.0f}" for name, mb in result.rss_mb.items())
     return (
-        f"round {index:>5}  {counts}  pages left {result.pages_left}  "
+        f"round {index:>5}  {counts}  KV peak pages {result.peak_pages:4d}  "
+        f"pages left {result.pages_left}  "
         f"sequences left {result.sequences_left}  RSS MB: {rss}  ({result.seconds:.0f} s)"
     )
 
