@@ -6,6 +6,8 @@ batches of sequences and returns float32 logits.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 from collections.abc import Sequence
@@ -39,6 +41,9 @@ def use_threads(num_threads: int | None = None) -> int:
 
 def _builtin(name: str) -> tvm.ffi.Function:
     return tvm.get_global_func(f"vm.builtin.{name}")
+
+
+_clear_pool = _builtin("memory_manager.clear")
 
 
 class KVCache:
@@ -157,6 +162,15 @@ class ModelRuntime:
             )
         sizes = (max_num_seqs, max_total_tokens, chunk, PAGE_SIZE, 0)
         return KVCache(self.vm["create_kv_cache"](*(ShapeTuple([size]) for size in sizes)))
+
+    def release_memory(self) -> None:
+        """Give the VM's pooled buffers back to the system; the next call allocates what it needs
+        again. For an idle engine: the pool keeps a logits buffer for each decode batch size it
+        has seen, so without this its memory creeps up as rare batch sizes come along."""
+        _clear_pool()
+        with contextlib.suppress(OSError, AttributeError):  # glibc only
+            # Freed buffers below glibc's mmap threshold stay in the heap unless trimmed.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(array, self.device)

@@ -239,6 +239,21 @@ def test_logits_a_caller_holds_outlive_later_steps(tiny_model: Callable) -> None
     assert not np.array_equal(later[0], held[1])
 
 
+def test_releasing_the_pooled_memory_keeps_logits_held_and_to_come(tiny_model: Callable) -> None:
+    runtime = tiny_model("q0f32").runtime
+    kvs = [runtime.create_kv_cache(2, 512, 128) for _ in range(2)]
+    steps = []
+    for kv, release in zip(kvs, (False, True), strict=True):
+        kv.add_sequence(0)
+        held = runtime.prefill(kv, [0], PROMPTS[:1])
+        copy = held.copy()
+        if release:
+            runtime.release_memory()
+        np.testing.assert_array_equal(held, copy)
+        steps.append([copy, runtime.decode(kv, [0], [5]).copy()])
+    np.testing.assert_array_equal(steps[0], steps[1])
+
+
 def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:
     runtime = tiny_model("q0f32").runtime
     kv = runtime.create_kv_cache(4, 512, 128)
