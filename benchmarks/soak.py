@@ -45,6 +45,7 @@ DROP_SHARE = 1 / 6
 FRONTEND_RSS_TARGET_MB = 150.0
 ENGINE_GROWTH_TARGET = 0.10
 PEAK_SECONDS = 0.25
+SETTLE_SECONDS = 2.0  # an engine idle for 1 s gives its pooled memory back (engine/process.py)
 PAGE_SIZE = 16  # tokens per KV page (mlc_engine/engine/model/attention.py, not imported: TVM)
 
 
@@ -255,6 +256,7 @@ async def wait_idle(client: httpx.AsyncClient, url: str) -> tuple[int, int]:
         pages = sum(e["kv_pages_total"] - e["kv_pages_free"] for e in engines)
         sequences = sum(e["num_running"] + e["num_waiting"] for e in engines)
         if (pages == 0 and sequences == 0) or time.monotonic() > deadline:
+            await asyncio.sleep(SETTLE_SECONDS)
             return pages, sequences
         await asyncio.sleep(0.5)
 
@@ -429,6 +431,7 @@ def main() -> int:
     args = parser.parse_args()
     if min(args.rounds, args.requests, args.concurrency) < 1:
         parser.error("--rounds, --requests and --concurrency must be at least 1")
+    signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C, stopping the server
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with running(serve_command(args, port), url + "/health", args.log) as server:
@@ -443,6 +446,10 @@ def main() -> int:
         engine_mb = results[-1].rss_mb["engine0"]
         print(compare_with_llama_server(args.llama_server, kv_pages * PAGE_SIZE, engine_mb))
     return 0 if all(met for _, met in checks) else 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
