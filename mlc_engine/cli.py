@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -317,8 +319,8 @@ def serve(
     engine_options: list[str] | None = None,
     tool_call_parser: str | None = None,
 ) -> None:
-    """Prepare the model (convert and compile once, here), then start one engine per device and
-    the HTTP frontend; returns when the server is stopped."""
+    """Prepare the model (convert and compile once, in a child process), then start one engine
+    per device and the HTTP frontend; returns when the server is stopped."""
     from mlc_engine.frontend.settings import API_STYLES, ServeSettings
     from mlc_engine.frontend.supervisor import serve as run_server
     from mlc_engine.frontend.tools import PARSERS
@@ -327,12 +329,9 @@ def serve(
         raise MLCEngineError(f"--api-style must be one of {', '.join(API_STYLES)}")
     if tool_call_parser is not None and tool_call_parser not in PARSERS:
         raise MLCEngineError(f"--tool-call-parser must be one of {', '.join(PARSERS)}")
-    chosen = [_device(text.strip()) for text in devices.split(",") if text.strip()]
-    if not chosen:
-        raise MLCEngineError("--device names no device")
-    folder, libraries = _prepare(model, chosen, lib_path)
+    folder, chosen, libraries = _prepare_in_child(model, devices, lib_path)
     engine_args = [
-        ["--model", str(folder), "--device", device.name, "--lib-path", str(library)]
+        ["--model", str(folder), "--device", device, "--lib-path", str(library)]
         + list(engine_options or [])
         for device, library in zip(chosen, libraries, strict=True)
     ]
@@ -352,6 +351,50 @@ def serve(
     )
     console.print(_sampling_line(folder))
     run_server(settings, engine_args, host, port, workers)
+
+
+def _prepare_in_child(
+    model: str | None, devices: str, lib_path: Path | None
+) -> tuple[Path, list[str], list[Path]]:
+    """`mlc-engine prepare` in a child process: the model folder, each device's name and its
+    library. TVM, which resolving devices and compiling load, stays out of this process, which
+    goes on to run the HTTP frontend (TVM alone held about 270 MB of its memory)."""
+    command = [sys.executable, "-m", "mlc_engine", "prepare", "--device", devices]
+    command += ["--model", model] if model else []
+    command += ["--lib-path", str(lib_path)] if lib_path else []
+    # The child's progress bars and messages go to the shared stderr; its answer to stdout.
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        raise MLCEngineError(f"preparing the model failed (exit code {done.returncode})") from None
+    if "error" in answer:
+        raise MLCEngineError(answer["error"])
+    return Path(answer["folder"]), answer["devices"], [Path(p) for p in answer["libraries"]]
+
+
+@app.command("prepare", hidden=True)
+def prepare_command(
+    model: ModelOption = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    lib_path: LibOption = None,
+) -> None:
+    """For `serve`: resolve the devices, convert and compile as needed, and print the model
+    folder, device names and libraries as JSON (or the error)."""
+    answer: dict[str, Any]
+    try:
+        chosen = [_device(text.strip()) for text in device.split(",") if text.strip()]
+        if not chosen:
+            raise MLCEngineError("--device names no device")
+        folder, libraries = _prepare(model, chosen, lib_path)
+        answer = {
+            "folder": str(folder),
+            "devices": [chosen_device.name for chosen_device in chosen],
+            "libraries": [str(library) for library in libraries],
+        }
+    except (MLCEngineError, ValueError, OSError) as error:
+        answer = {"error": str(error)}
+    sys.stdout.write(json.dumps(answer) + "\n")
 
 
 def _sampling_line(folder: Path) -> str:

@@ -97,6 +97,14 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 
 METADATA_FUNCTION = "_metadata"
 
+# Upper bounds on the VM functions' symbolic sizes. With them the memory planner gives every
+# intermediate one storage of its largest size, reused by each call; without them the VM's pooled
+# allocator kept a buffer for every distinct prefill length and batch size it had seen, and an
+# engine's RSS grew by hundreds of MB a round under mixed load (benchmarks/soak.py). Only the
+# pages a call touches become resident. `ModelRuntime` refuses a KV cache that could exceed them.
+MAX_PREFILL_TOKENS = 4096  # prefill: new tokens of all sequences together (and logit rows)
+MAX_DECODE_BATCH = 256  # decode: sequences in one step
+
 
 def library_metadata(model: LlamaForCausalLM) -> dict[str, Any]:
     """What a library records: the model it was built for, to check it against later, and the
@@ -105,7 +113,22 @@ def library_metadata(model: LlamaForCausalLM) -> dict[str, Any]:
         "architecture": model.config.architecture_key(),
         "column_block": model.quant.column_block,
         "kv_dtype": model.quant.kv_dtype,
+        "max_prefill_tokens": MAX_PREFILL_TOKENS,
+        "max_decode_batch": MAX_DECODE_BATCH,
     }
+
+
+def _with_size_bounds(mod: tvm.IRModule) -> tvm.IRModule:
+    """Annotate prefill's and decode's symbolic sizes with their upper bounds, for
+    StaticPlanBlockMemory."""
+    bounds = {
+        "prefill": {"seq_len": MAX_PREFILL_TOKENS, "num_logits": MAX_PREFILL_TOKENS},
+        "decode": {"batch_size": MAX_DECODE_BATCH},
+    }
+    for name, bound in bounds.items():
+        func = mod[name].with_attr("tir_var_upper_bound", bound)
+        mod[name] = func.with_attr("tir_non_negative_var", list(bound))
+    return mod
 
 
 def _with_metadata(mod: tvm.IRModule, model: LlamaForCausalLM) -> tvm.IRModule:
@@ -130,7 +153,7 @@ def compile_model(
     progress("exporting the model graph")
     model = LlamaForCausalLM(config, target, kv_dtype)
     mod, _ = model.export_tvm(spec=model.get_default_spec())
-    mod = _with_metadata(mod, model)
+    mod = _with_size_bounds(_with_metadata(mod, model))
     progress("optimizing and scheduling kernels")
     with target:
         mod = _pipeline(target)(mod)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 0.5
 POLL_MS = 100
+IDLE_RELEASE_SECONDS = 1.0  # idle this long, the engine gives the VM's pooled memory back
 INPUT_TYPES: dict[MessageType, type] = {
     MessageType.HELLO: Hello,
     MessageType.ADD: AddRequest,
@@ -128,10 +129,15 @@ class EngineServer:
                     Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
 
     def _loop(self) -> None:
+        last_work: float | None = None  # when the engine last stepped, if not released since
         while not (self.stopping.is_set() and not self.engine.has_work):
             self._handle_messages(block=not self.engine.has_work)
             if self.engine.has_work:
                 self._publish_outputs(self.engine.step())
+                last_work = time.monotonic()
+            elif last_work is not None and time.monotonic() - last_work > IDLE_RELEASE_SECONDS:
+                self.engine.runtime.release_memory()
+                last_work = None
             self._expire_frontends()
             self.latest = self.engine.snapshot()
 

@@ -6,6 +6,8 @@ batches of sequences and returns float32 logits.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 from collections.abc import Sequence
@@ -39,6 +41,9 @@ def use_threads(num_threads: int | None = None) -> int:
 
 def _builtin(name: str) -> tvm.ffi.Function:
     return tvm.get_global_func(f"vm.builtin.{name}")
+
+
+_clear_pool = _builtin("memory_manager.clear")
 
 
 class KVCache:
@@ -98,7 +103,7 @@ class ModelRuntime:
         self.device = device
         executable = tvm.runtime.load_module(str(lib_path))
         self.vm = relax.VirtualMachine(executable, device)
-        column_block = self._check_library(lib_path, model_folder)
+        column_block, self.size_bounds = self._check_library(lib_path, model_folder)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
         try:
@@ -107,8 +112,9 @@ class ModelRuntime:
             self._decode_one = self._decode
         self.params = self._load_params(model_folder, column_block)
 
-    def _check_library(self, lib_path: Path, model_folder: Path) -> int:
-        """Refuse a library built for another model; returns the 4-bit layout it wants."""
+    def _check_library(self, lib_path: Path, model_folder: Path) -> tuple[int, tuple[int, int]]:
+        """Refuse a library built for another model; returns the 4-bit layout it wants and its
+        bounds on prefill tokens and decode batch (none in libraries from before them)."""
         built_for = json.loads(str(self.vm[METADATA_FUNCTION]()))
         expected = self.config.architecture_key()
         if built_for["architecture"] != expected:
@@ -120,7 +126,8 @@ class ModelRuntime:
                 f"(they differ in {', '.join(mismatched)}); drop --lib-path to compile a "
                 "matching one"
             )
-        return built_for.get("column_block", 0)  # libraries from before blocks: rows
+        bounds = built_for.get("max_prefill_tokens", 0), built_for.get("max_decode_batch", 0)
+        return built_for.get("column_block", 0), bounds  # libraries from before blocks: rows
 
     def _load_params(self, model_folder: Path, column_block: int) -> list[tvm.runtime.Tensor]:
         """The folder's weights in the definition's order, quantized arrays in the library's
@@ -148,8 +155,23 @@ class ModelRuntime:
         """A cache for up to `max_num_seqs` sequences and `max_total_tokens` tokens in all, in
         pages of PAGE_SIZE tokens (the compiled attention kernels assume that size)."""
         chunk = prefill_chunk_size or self.config.prefill_chunk_size
+        max_tokens, max_batch = self.size_bounds
+        if max_tokens and chunk > max_tokens or max_batch and max_num_seqs > max_batch:
+            raise ValueError(
+                f"the model library runs at most {max_tokens} prefill tokens and {max_batch} "
+                f"sequences a step; asked for {chunk} and {max_num_seqs}"
+            )
         sizes = (max_num_seqs, max_total_tokens, chunk, PAGE_SIZE, 0)
         return KVCache(self.vm["create_kv_cache"](*(ShapeTuple([size]) for size in sizes)))
+
+    def release_memory(self) -> None:
+        """Give the VM's pooled buffers back to the system; the next call allocates what it needs
+        again. For an idle engine: the pool keeps a logits buffer for each decode batch size it
+        has seen, so without this its memory creeps up as rare batch sizes come along."""
+        _clear_pool()
+        with contextlib.suppress(OSError, AttributeError):  # glibc only
+            # Freed buffers below glibc's mmap threshold stay in the heap unless trimmed.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(array, self.device)
@@ -178,14 +200,18 @@ class ModelRuntime:
                 for start, length, whole in zip(starts, lengths, every, strict=True)
             ]
         ).astype(np.int32)
+        rows = len(positions)
+        # The logits are the VM's output, which its pool keeps a buffer for by size: padded to
+        # a few sizes (repeating the last position), they take a few buffers, not one per count.
+        padded = np.pad(positions, (0, logit_rows_bucket(rows) - rows), mode="edge")
         kv_cache.begin_forward(seq_ids, lengths)
         try:
             logits, _ = self._prefill(
-                self._tensor(flat), self._tensor(positions), kv_cache.handle, self.params
+                self._tensor(flat), self._tensor(padded), kv_cache.handle, self.params
             )
         finally:
             kv_cache.end_forward()
-        return _host_view(logits)[0]
+        return _host_view(logits)[0][:rows]
 
     def decode(
         self, kv_cache: KVCache, seq_ids: Sequence[int], token_ids: Sequence[int]
@@ -199,6 +225,14 @@ class ModelRuntime:
         finally:
             kv_cache.end_forward()
         return _host_view(logits)[:, 0, :]
+
+
+def logit_rows_bucket(rows: int) -> int:
+    """The logit rows a prefill computes for `rows` wanted: a multiple of 8 up to 32, then a
+    power of two (about ten sizes in all)."""
+    if rows <= 32:
+        return -(-rows // 8) * 8
+    return 1 << (rows - 1).bit_length()
 
 
 def _host_view(tensor: tvm.runtime.Tensor) -> np.ndarray:

@@ -31,7 +31,7 @@ from mlc_engine.engine.quantization import (
     packed_name,
     storage_of,
 )
-from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime
+from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime, logit_rows_bucket
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 8]]
 
@@ -239,6 +239,21 @@ def test_logits_a_caller_holds_outlive_later_steps(tiny_model: Callable) -> None
     assert not np.array_equal(later[0], held[1])
 
 
+def test_releasing_the_pooled_memory_keeps_logits_held_and_to_come(tiny_model: Callable) -> None:
+    runtime = tiny_model("q0f32").runtime
+    kvs = [runtime.create_kv_cache(2, 512, 128) for _ in range(2)]
+    steps = []
+    for kv, release in zip(kvs, (False, True), strict=True):
+        kv.add_sequence(0)
+        held = runtime.prefill(kv, [0], PROMPTS[:1])
+        copy = held.copy()
+        if release:
+            runtime.release_memory()
+        np.testing.assert_array_equal(held, copy)
+        steps.append([copy, runtime.decode(kv, [0], [5]).copy()])
+    np.testing.assert_array_equal(steps[0], steps[1])
+
+
 def test_forked_sequence_continues_like_its_parent(tiny_model: Callable) -> None:
     runtime = tiny_model("q0f32").runtime
     kv = runtime.create_kv_cache(4, 512, 128)
@@ -270,6 +285,20 @@ def test_removing_sequences_returns_their_pages(tiny_model: Callable) -> None:
     assert kv.total_sequence_length() == 40
     kv.remove_sequence(0)
     assert kv.free_pages() == idle
+
+
+def test_a_kv_cache_beyond_the_library_size_bounds_is_refused(tiny_model: Callable) -> None:
+    runtime = tiny_model("q0f32").runtime
+    with pytest.raises(ValueError, match="at most 4096 prefill tokens and 256 sequences"):
+        runtime.create_kv_cache(257, 4096, 128)
+    with pytest.raises(ValueError, match="asked for 8192 and 4"):
+        runtime.create_kv_cache(4, 16384, 8192)
+
+
+def test_prefill_logit_rows_come_in_a_few_sizes() -> None:
+    sizes = {logit_rows_bucket(rows) for rows in range(1, 4097)}
+    assert sizes == {8, 16, 24, 32, 64, 128, 256, 512, 1024, 2048, 4096}
+    assert all(logit_rows_bucket(rows) >= rows for rows in range(1, 4097))
 
 
 def test_prefill_rejects_an_empty_prompt(tiny_model: Callable) -> None:

@@ -107,6 +107,11 @@ def _server_pid(url: str) -> int:
     raise AssertionError(f"no server process for {url}")
 
 
+def test_the_frontend_process_does_not_load_tvm(tiny_server_url: str) -> None:
+    maps = Path(f"/proc/{_server_pid(tiny_server_url)}/maps").read_text()
+    assert "libtvm" not in maps
+
+
 def test_two_workers_serve_alongside_each_other(tiny_chat_model: Path) -> None:
     with running_server(serve_command(tiny_chat_model, "--workers", "2")) as url:
         body = {"messages": HELLO, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
