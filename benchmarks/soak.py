@@ -42,6 +42,12 @@ READY_SECONDS = 300.0
 IDLE_SECONDS = 60.0  # after a round, for the engines to finish or abort what is left
 REQUEST_SECONDS = 120.0
 DROP_SHARE = 1 / 6
+CONSTRAINED_SHARE = 1 / 8
+CONSTRAINTS: list[dict[str, Any]] = [
+    {"regex": "[a-z]+( [a-z]+)*"},
+    {"choice": ["yes", "no", "perhaps"]},
+    {"json": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}},
+]
 FRONTEND_RSS_TARGET_MB = 150.0
 ENGINE_GROWTH_TARGET = 0.10
 PEAK_SECONDS = 0.25
@@ -107,6 +113,8 @@ def make_request(rng: random.Random, words: list[str]) -> Request:
             body["top_logprobs"] = top
         else:
             body["logprobs"] = top
+    if rng.random() < CONSTRAINED_SHARE:  # the grammar path: masks, matchers, their cache
+        body["structured_outputs"] = rng.choice(CONSTRAINTS)
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
