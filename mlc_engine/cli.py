@@ -323,7 +323,7 @@ def serve(
     per device and the HTTP frontend; returns when the server is stopped."""
     from mlc_engine.frontend.settings import API_STYLES, ServeSettings
     from mlc_engine.frontend.supervisor import serve as run_server
-    from mlc_engine.frontend.tools import PARSERS
+    from mlc_engine.frontend.tool_parser import PARSERS
 
     if api_style not in API_STYLES:
         raise MLCEngineError(f"--api-style must be one of {', '.join(API_STYLES)}")

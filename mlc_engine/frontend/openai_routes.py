@@ -26,7 +26,7 @@ from mlc_engine.frontend.responses import (
 )
 from mlc_engine.frontend.schemas import ChatCompletionRequest, CompletionRequest
 from mlc_engine.frontend.service import Service
-from mlc_engine.frontend.tools import ParsedCall, ToolCallParser
+from mlc_engine.frontend.tool_parser import ParsedCall, ToolCallParser
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from mlc_engine.frontend.schemas import (
 from mlc_engine.frontend.settings import ServeSettings
 from mlc_engine.frontend.structured import request_grammar
 from mlc_engine.frontend.text import ChatTemplate, ChatTemplateError, Tokenizer
+from mlc_engine.frontend.tool_parser import ToolCallParser
 from mlc_engine.frontend.tools import (
-    ToolCallParser,
     parser_for,
     prompt_messages,
     template_takes_tools,

@@ -1,5 +1,5 @@
-"""Tool calling: tools into the prompt, a grammar when a call is required, and the model's
-output parsed back into OpenAI's `tool_calls`.
+"""Tool calling, on the way in: the tools into the prompt, and a grammar when a call is
+required. `tool_parser.py` reads the calls back out of the model's text.
 
 Two output formats are known, picked by the chat template (overridable with
 `--tool-call-parser`):
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -32,10 +30,7 @@ import llguidance
 from mlc_engine.frontend.errors import BadRequestError
 from mlc_engine.frontend.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
 from mlc_engine.frontend.structured import JSON_OPTIONS
-
-PARSERS = ("hermes", "llama3_json")
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-PYTHON_TAG = "<|python_tag|>"
+from mlc_engine.frontend.tool_parser import CALL_CLOSE, CALL_OPEN, PYTHON_TAG
 
 DEFAULT_TOOL_BLOCK = """You can call functions to help answer. The functions, as JSON schemas:
 {functions}
@@ -53,13 +48,6 @@ def parser_for(template_source: str) -> str:
 
 def template_takes_tools(template_source: str) -> bool:
     return re.search(r"\btools\b", template_source) is not None
-
-
-def call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-# ---- into the prompt ------------------------------------------------------------------------
 
 
 def prompt_messages(
@@ -130,9 +118,6 @@ def _with_tool_block(messages: list[dict[str, Any]], tools: list[Tool]) -> list[
     return [{"role": "system", "content": block}, *messages]
 
 
-# ---- the grammar of a required call ---------------------------------------------------------
-
-
 def tool_grammar(request: ChatCompletionRequest, parser: str) -> str | None:
     """A grammar admitting only calls of the allowed functions, when the request requires a
     call; None when the model is free to answer in text."""
@@ -167,148 +152,3 @@ def _call_schema(tool: Tool, key: str) -> dict[str, Any]:
         "additionalProperties": False,
         "x-guidance": JSON_OPTIONS,
     }
-
-
-# ---- out of the model's text ----------------------------------------------------------------
-
-
-@dataclass
-class ParsedCall:
-    index: int
-    id: str
-    name: str
-    arguments: str  # the JSON object, as a string
-
-
-class ToolCallParser:
-    """Splits one choice's text, as it streams, into content and calls. Feeding the whole text
-    at once gives exactly what the pieces of a stream join to."""
-
-    def __init__(self, parser: str, names: set[str]):
-        self.parser = parser
-        self.names = names
-        self.calls: list[ParsedCall] = []
-        self._pending = ""
-        self._in_call = False
-        self._after_call = False
-        self._gap = ""  # whitespace held back before an opening tag
-        self._started = False  # llama3_json: whether the answer opened as a call
-
-    def push(self, text: str) -> tuple[str, list[ParsedCall]]:
-        """Content that is surely not part of a call, and the calls completed so far."""
-        self._pending += text
-        if self.parser == "llama3_json":
-            return self._push_llama3()
-        return self._push_hermes()
-
-    def finish(self) -> tuple[str, list[ParsedCall]]:
-        """What is left once the text has ended."""
-        pending, self._pending = self._pending, ""
-        if self.parser == "llama3_json":
-            if not self._started:
-                return pending, []
-            calls = self._llama3_calls(pending)
-            return ("", calls) if calls is not None else (pending, [])
-        if self._in_call:
-            call = self._call(pending.strip())  # ended (EOS) before its closing tag
-            return ("", [call]) if call else (self._gap + CALL_OPEN + pending, [])
-        return ("" if self.calls and not pending.strip() else pending), []
-
-    def _push_hermes(self) -> tuple[str, list[ParsedCall]]:
-        content = ""
-        done: list[ParsedCall] = []
-        while True:
-            if self._in_call:
-                end = self._pending.find(CALL_CLOSE)
-                if end < 0:
-                    return content, done
-                body = self._pending[:end]
-                self._pending = self._pending[end + len(CALL_CLOSE) :]
-                self._in_call = False
-                call = self._call(body.strip())
-                if call is not None:
-                    done.append(call)
-                    self._after_call = True
-                else:  # not a call after all: the text stands as it was written
-                    content += self._gap + CALL_OPEN + body + CALL_CLOSE
-                continue
-            if self._after_call:  # whitespace between and after calls is not content
-                self._pending = self._pending.lstrip()
-                self._after_call = not self._pending
-            start = self._pending.find(CALL_OPEN)
-            if start >= 0:
-                before = self._pending[:start]
-                content += before.rstrip()
-                self._gap = before[len(before.rstrip()) :]
-                self._pending = self._pending[start + len(CALL_OPEN) :]
-                self._in_call = True
-                continue
-            # Keep back what may begin a call tag, and trailing whitespace before one.
-            keep = _partial_suffix(self._pending, CALL_OPEN)
-            safe = self._pending[: len(self._pending) - keep]
-            stripped = safe.rstrip()
-            content += stripped
-            self._pending = self._pending[len(stripped) :]
-            return content, done
-
-    def _push_llama3(self) -> tuple[str, list[ParsedCall]]:
-        if self._started:
-            return "", []
-        head = self._pending.lstrip()
-        if head.startswith(("{", PYTHON_TAG)):
-            self._started = True
-            return "", []
-        if not head or PYTHON_TAG.startswith(head):
-            return "", []
-        content, self._pending = self._pending, ""
-        return content, []
-
-    def _llama3_calls(self, text: str) -> list[ParsedCall] | None:
-        body = text.strip().removeprefix(PYTHON_TAG).strip()
-        calls = []
-        for piece in _split_objects(body):
-            call = self._call(piece, key="parameters")
-            if call is None:
-                return None
-            calls.append(call)
-        return calls or None
-
-    def _call(self, body: str, key: str = "arguments") -> ParsedCall | None:
-        try:
-            value = json.loads(body)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(value, dict) or value.get("name") not in self.names:
-            return None
-        arguments = value.get(key, value.get("arguments", value.get("parameters", {})))
-        if not isinstance(arguments, dict):
-            return None
-        call = ParsedCall(len(self.calls), call_id(), value["name"], json.dumps(arguments))
-        self.calls.append(call)
-        return call
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is a beginning of `tag`."""
-    for length in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-length:]):
-            return length
-    return 0
-
-
-def _split_objects(text: str) -> list[str]:
-    """JSON objects written one after another, separated by `;` or whitespace."""
-    decoder = json.JSONDecoder()
-    pieces, position = [], 0
-    while position < len(text):
-        while position < len(text) and text[position] in "; \n\t":
-            position += 1
-        if position >= len(text):
-            break
-        try:
-            _, end = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
-            return [text]
-        pieces.append(text[position:end])
-        position = end
-    return pieces

@@ -19,7 +19,8 @@ from conftest import running_server, serve_command
 
 from mlc_engine.frontend.schemas import ChatMessage, Tool
 from mlc_engine.frontend.text import ChatTemplate
-from mlc_engine.frontend.tools import ToolCallParser, prompt_messages
+from mlc_engine.frontend.tool_parser import ToolCallParser
+from mlc_engine.frontend.tools import prompt_messages
 
 CHAT = "/v1/chat/completions"
 WEATHER = {
