@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import LoadedModel, greedy_reply
+from conftest import CPU, SMOLLM2_GGUF, LoadedModel, greedy_reply
+
+from mlc_engine.common.model_paths import cache_dir
+from mlc_engine.engine.models import content_digest, prepare_model
+from mlc_engine.engine.runtime import PARAMS_FILE
 
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -87,3 +93,42 @@ def test_compile_cross_compiles_for_cuda_without_a_gpu(
     )
     assert result.returncode == 0, result.stderr
     assert library.stat().st_size > 0
+
+
+def test_a_gguf_file_is_served_as_the_model_converted_once_by_content(
+    smollm2: LoadedModel, tmp_path: Path
+) -> None:
+    """`--model file.gguf`: converted on first use into the cache, keyed by the file's content,
+    so a copy under another name reuses it; the answer is the default model's own."""
+    gguf = tmp_path / "My-SmolLM2.gguf"
+    shutil.copyfile(SMOLLM2_GGUF, gguf)
+    question = "What is the capital of France?"
+    result = _cli("generate", question, "--model", str(gguf), "--max-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    expected = greedy_reply(smollm2, [{"role": "user", "content": question}], 16)
+    assert result.stdout == expected + "\n"
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    assert content_digest(gguf) == digest
+    folder = prepare_model(str(gguf), CPU)
+    assert folder == cache_dir() / "models" / "gguf" / digest / "My-SmolLM2-q4f32_m"
+    converted = (folder / PARAMS_FILE).stat().st_mtime_ns
+    renamed = tmp_path / "renamed.gguf"
+    gguf.rename(renamed)
+    assert prepare_model(str(renamed), CPU) == folder  # same content: no second conversion
+    assert (folder / PARAMS_FILE).stat().st_mtime_ns == converted
+
+
+def test_a_missing_gguf_file_is_reported_in_one_line(tmp_path: Path) -> None:
+    result = _cli("generate", "Hi", "--model", str(tmp_path / "nope.gguf"), "--device", "cpu")
+    assert result.returncode == 2 and "no such GGUF file" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_file_digest_follows_its_content(tmp_path: Path) -> None:
+    first = tmp_path / "a.gguf"
+    first.write_bytes(b"one")
+    digest = content_digest(first)
+    first.write_bytes(b"two")
+    os.utime(first, ns=(1, 1))  # a new modification time: the remembered digest is stale
+    assert content_digest(first) != digest
+    assert content_digest(first) == hashlib.sha256(b"two").hexdigest()[:16]

@@ -7,13 +7,15 @@ it is converted into the user cache the first time it is asked for. Nothing is d
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import tvm
 
-from mlc_engine.common.config import ModelConfig
+from mlc_engine.common.config import CONFIG_FILE, ModelConfig
 from mlc_engine.common.device import Device, resolve_device, tvm_target
 from mlc_engine.common.errors import ModelNotFoundError
 from mlc_engine.common.model_paths import cache_dir, resolve_model, split_model_name
@@ -25,6 +27,9 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # re-rounding them to the symmetric q4f32_1 costs a lot of quality (benchmarks/perplexity.py).
 DEFAULT_QUANTIZATION = {"cpu": "q4f32_m"}
 GPU_DEFAULT_QUANTIZATION = "q4f16_m"
+GGUF_SUFFIX = ".gguf"
+HASH_CHUNK = 16 << 20
+REMEMBERED_DIGESTS = 256
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -56,10 +61,12 @@ def default_model_gguf() -> Path:
 
 def prepare_model(model: str | None, device: Device, progress: Progress = _no_progress) -> Path:
     """The model folder for `--model` (None: the default model), converting the default model
-    into the cache when it is asked for and not there yet, or was converted by an older
-    converter."""
+    or a `.gguf` file into the cache when it is asked for and not there yet, or was converted
+    by an older converter."""
+    concrete = resolve_device(device) if device.kind == "auto" else device
+    if model is not None and model.endswith(GGUF_SUFFIX):
+        return _gguf_model(Path(model).expanduser(), default_quantization(concrete), progress)
     if model is None:
-        concrete = resolve_device(device) if device.kind == "auto" else device
         model = f"{DEFAULT_MODEL}-{default_quantization(concrete)}"
     base, quantization = split_model_name(model)
     if base != DEFAULT_MODEL or quantization is None:
@@ -80,6 +87,56 @@ def prepare_model(model: str | None, device: Device, progress: Progress = _no_pr
         on_tensor=lambda name, total: progress(f"converting {model}", 1, total),
     )
     return output
+
+
+def _gguf_model(path: Path, quantization: str, progress: Progress) -> Path:
+    """The cached conversion of a GGUF file, converted now if there is none. The cache is keyed
+    by the file's content, so a file changed in place is converted again, and a copy of it
+    under another name is not."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"--model {path}: no such GGUF file")
+    digest = content_digest(path, progress)
+    home = cache_dir() / "models" / "gguf" / digest
+    for found in sorted(home.glob(f"*-{quantization}")):
+        config_file = found / CONFIG_FILE
+        if config_file.is_file() and ModelConfig.load(found).converter_version >= CONVERTER_VERSION:
+            return found
+    name = path.name.removesuffix(GGUF_SUFFIX)
+    output = home / f"{name}-{quantization}"
+    convert(
+        path,
+        quantization,
+        output,
+        model_name=name,
+        on_tensor=lambda tensor, total: progress(f"converting {path.name}", 1, total),
+    )
+    return output
+
+
+def content_digest(path: Path, progress: Progress = _no_progress) -> str:
+    """The first 16 hex digits of the file's SHA-256. Each digest is remembered by the file's
+    path, size and modification time, so a large file is read once, not at every start."""
+    index_file = cache_dir() / "models" / "gguf" / "digests.json"
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index: dict[str, str] = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+            progress(f"hashing {path.name}", len(chunk), stat.st_size)
+    index[key] = digest.hexdigest()[:16]
+    index = dict(list(index.items())[-REMEMBERED_DIGESTS:])
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = index_file.with_suffix(".tmp")
+    temporary.write_text(json.dumps(index, indent=1))
+    temporary.replace(index_file)
+    return index[key]
 
 
 def library_path(config: ModelConfig, target: tvm.target.Target, device: Device) -> Path:
