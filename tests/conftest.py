@@ -81,6 +81,10 @@ TINY_HF_CONFIG = {
 TINY_VARIANTS: dict[str, dict[str, object]] = {
     "llama": {"model_type": "llama", "tie_word_embeddings": True},
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": False},
+    # Per-head q/k norms, and a head_dim that is not hidden_size / heads (as in Qwen3).
+    "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True, "head_dim": 32},
+    # Mistral's config: a Llama with a sliding window as long as the context.
+    "mistral": {"model_type": "mistral", "tie_word_embeddings": False, "sliding_window": 512},
     # A short original context and a large factor, so the scaling shows in a few tokens.
     "llama3-rope": {
         "model_type": "llama",
@@ -96,12 +100,16 @@ TINY_VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
-def tiny_hf_weights(model_type: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights in Hugging Face names; Qwen2 gets q/k/v biases and an untied head."""
+def tiny_hf_weights(
+    model_type: str, seed: int = 0, head_dim: int | None = None, untied: bool | None = None
+) -> dict[str, np.ndarray]:
+    """Random float32 weights in Hugging Face names; Qwen2 gets q/k/v biases, Qwen3 q/k norms,
+    and an untied head when `untied` (by default for Qwen2)."""
     c = TINY_HF_CONFIG
     rng = np.random.default_rng(seed)
     hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    head_dim = hidden // c["num_attention_heads"]
+    head_dim = head_dim or hidden // c["num_attention_heads"]
+    q_rows = c["num_attention_heads"] * head_dim
     kv_rows = c["num_key_value_heads"] * head_dim
 
     def rand(*shape: int, scale: float = 0.2) -> np.ndarray:
@@ -111,18 +119,21 @@ def tiny_hf_weights(model_type: str, seed: int = 0) -> dict[str, np.ndarray]:
     w["model.norm.weight"] = 1 + rand(hidden, scale=0.1)
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        rows = {"q": hidden, "k": kv_rows, "v": kv_rows}
+        rows = {"q": q_rows, "k": kv_rows, "v": kv_rows}
         for name, count in rows.items():
             w[f"{p}.self_attn.{name}_proj.weight"] = rand(count, hidden)
             if model_type == "qwen2":
                 w[f"{p}.self_attn.{name}_proj.bias"] = rand(count)
-        w[f"{p}.self_attn.o_proj.weight"] = rand(hidden, hidden)
+        if model_type == "qwen3":
+            w[f"{p}.self_attn.q_norm.weight"] = 1 + rand(head_dim, scale=0.3)
+            w[f"{p}.self_attn.k_norm.weight"] = 1 + rand(head_dim, scale=0.3)
+        w[f"{p}.self_attn.o_proj.weight"] = rand(hidden, q_rows)
         w[f"{p}.mlp.gate_proj.weight"] = rand(inter, hidden)
         w[f"{p}.mlp.up_proj.weight"] = rand(inter, hidden)
         w[f"{p}.mlp.down_proj.weight"] = rand(hidden, inter)
         w[f"{p}.input_layernorm.weight"] = 1 + rand(hidden, scale=0.1)
         w[f"{p}.post_attention_layernorm.weight"] = 1 + rand(hidden, scale=0.1)
-    if model_type == "qwen2":
+    if untied if untied is not None else model_type == "qwen2":
         w["lm_head.weight"] = rand(vocab, hidden)
     return w
 
@@ -152,7 +163,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Loaded
             hf_folder = root / "hf"
             hf_folder.mkdir()
             hf_config = {**TINY_HF_CONFIG, **TINY_VARIANTS[variant]}
-            weights = tiny_hf_weights(str(hf_config["model_type"]))
+            weights = tiny_hf_weights(
+                str(hf_config["model_type"]),
+                head_dim=int(str(hf_config.get("head_dim", 0))) or None,
+                untied=not hf_config["tie_word_embeddings"],
+            )
             (hf_folder / "config.json").write_text(json.dumps(hf_config))
             save_file(weights, str(hf_folder / "model.safetensors"))
             folder = root / "model"

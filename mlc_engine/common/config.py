@@ -30,7 +30,7 @@ SAMPLING_FIELDS: dict[str, type] = {
 class ModelConfig:
     """Architecture sizes plus everything needed to serve the model."""
 
-    model_type: str  # "llama" or "qwen2"
+    model_type: str  # "llama", "qwen2" or "qwen3"
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -67,6 +67,11 @@ class ModelConfig:
         if self.prefill_chunk_size == 0:
             self.prefill_chunk_size = min(self.context_window_size, 2048)
         self.sampling = checked_sampling(self.sampling)
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalizes each head of q and k (RMS norm over head_dim) before RoPE."""
+        return self.model_type == "qwen3"
 
     def architecture_key(self) -> dict[str, Any]:
         """The fields that change the compiled library (used in its cache key)."""

@@ -135,7 +135,9 @@ def _groups(config: ModelConfig) -> Iterator[tuple[str, list[str], bool]]:
         mlp = [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"]
         yield f"{ours}.mlp.gate_up_proj", mlp, True
         yield f"{ours}.mlp.down_proj", [f"{hf}.mlp.down_proj.weight"], True
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        norms += ["self_attn.q_norm", "self_attn.k_norm"] if config.qk_norm else []
+        for norm in norms:
             yield f"{ours}.{norm}.weight", [f"{hf}.{norm}.weight"], False
     yield "model.norm.weight", ["model.norm.weight"], False
     if not config.tie_word_embeddings:

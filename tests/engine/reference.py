@@ -82,10 +82,14 @@ def forward(
             out = into(h, weight) @ w[weight].T
             bias = w.get(f"{p}.self_attn.{name}_proj.bias")
             proj[name] = out + bias if bias is not None else out
-        proj = {name: in_cache(value) for name, value in proj.items()}
-        q = in_cache(_rope(proj["q"].reshape(n, hq, d), positions, c.rope_theta, c.rope_scaling))
-        k = in_cache(_rope(proj["k"].reshape(n, hkv, d), positions, c.rope_theta, c.rope_scaling))
-        v = proj["v"].reshape(n, hkv, d)
+        q, k = proj["q"].reshape(n, hq, d), proj["k"].reshape(n, hkv, d)
+        if c.qk_norm:  # Qwen3: each head of q and k RMS-normalized before RoPE
+            q = _rms_norm(q, w[f"{p}.self_attn.q_norm.weight"], c.rms_norm_eps)
+            k = _rms_norm(k, w[f"{p}.self_attn.k_norm.weight"], c.rms_norm_eps)
+        q, k, v = in_cache(q), in_cache(k), in_cache(proj["v"])
+        q = in_cache(_rope(q, positions, c.rope_theta, c.rope_scaling))
+        k = in_cache(_rope(k, positions, c.rope_theta, c.rope_scaling))
+        v = v.reshape(n, hkv, d)
         group = hq // hkv
         k = np.repeat(k, group, axis=1)
         v = np.repeat(v, group, axis=1)

@@ -140,7 +140,7 @@ def _check_against_reference(  # noqa: ANN001
     assert _relative_error(alone, expected) < tolerance
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "llama3-rope"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "llama3-rope", "qwen3", "mistral"])
 def test_q0f32_matches_numpy_reference(tiny_model: Callable, variant: str) -> None:
     model = tiny_model("q0f32", variant)
     _check_against_reference(model, model.hf_weights, 1e-4, "q0f32")

@@ -1,6 +1,8 @@
-"""The Llama family (SmolLM2, TinyLlama, Llama 2/3) and Qwen2, on TVM's paged KV cache.
+"""The Llama family (SmolLM2, TinyLlama, Llama 2/3, Mistral), Qwen2 and Qwen3, on TVM's paged
+KV cache.
 
-Qwen2 is a Llama with a bias on the q/k/v projection, so one definition serves both. The
+Qwen2 is a Llama with a bias on the q/k/v projection, and Qwen3 one that RMS-normalizes each
+head of q and k before RoPE, so one definition serves all three. The
 projections are fused as in MLC: q, k and v into `qkv_proj`, gate and up into `gate_up_proj`.
 Each weight is built in the storage the model folder records for it, by its parameter prefix
 (`quantization.storage_of`).
@@ -45,11 +47,21 @@ class Attention(nn.Module):
             storage_of(config, f"{prefix}.o_proj"),
         )
         self.dtype, self.kv_dtype = quant.dtype, quant.kv_dtype
+        self.q_norm: nn.RMSNorm | None = None
+        self.k_norm: nn.RMSNorm | None = None
+        if config.qk_norm:
+            eps, dtype = config.rms_norm_eps, quant.dtype
+            self.q_norm = nn.RMSNorm(self.head_dim, -1, eps, bias=False, dtype=dtype)
+            self.k_norm = nn.RMSNorm(self.head_dim, -1, eps, bias=False, dtype=dtype)
 
     def forward(self, x: nn.Tensor, kv_cache: PagedKVCache, layer_id: int) -> nn.Tensor:
         batch, seq_len, _ = x.shape
         heads = self.num_q_heads + 2 * self.num_kv_heads
         qkv = op.reshape(self.qkv_proj(x), (batch, seq_len, heads, self.head_dim))
+        if self.q_norm is not None and self.k_norm is not None:
+            ends = [self.num_q_heads, self.num_q_heads + self.num_kv_heads]
+            q, k, v = op.split(qkv, ends, axis=2)
+            qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
         # The cache's kernels take q, k and v in its dtype (they compute in float32).
         out = kv_cache.attention_with_fused_qkv(
             layer_id, qkv.astype(self.kv_dtype), self.num_q_heads, sm_scale=self.head_dim**-0.5

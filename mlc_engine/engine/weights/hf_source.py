@@ -19,7 +19,7 @@ from mlc_engine.engine.weights.source import ModelSource, SourceTensor, stop_tok
 
 # bfloat16 is kept as its uint16 bit patterns; SourceTensor.to_float32 widens it.
 DTYPES: dict[str, type[np.generic]] = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def load_hf_folder(folder: Path) -> ModelSource:
@@ -80,7 +80,8 @@ def _config(
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     context = hf["max_position_embeddings"]
     # Mistral v0.1 attends through a sliding window; past it the model was never trained.
-    if hf.get("use_sliding_window", model_type != "qwen2") and hf.get("sliding_window"):
+    # Qwen configs name a window they do not use unless use_sliding_window says so.
+    if hf.get("use_sliding_window", model_type == "llama") and hf.get("sliding_window"):
         context = min(context, hf["sliding_window"])
     chat_template = _chat_template(special.get("chat_template"))
     bos_text = _token_text(special.get("bos_token"))
