@@ -57,6 +57,12 @@ def _progress() -> Progress:
     )
 
 
+STEP_MS_HELP = (
+    "Time a step with running decodes aims for; the prefill beside them is sized to fit "
+    "(0: no limit)."
+)
+
+
 def _prepare(
     model: str | None, devices: list[Device], lib_path: Path | None
 ) -> tuple[Path, list[Path]]:
@@ -278,6 +284,14 @@ def engine_command(
             "--max-queue", min=0, help="Sequences waiting beyond --max-num-seqs before refusals."
         ),
     ] = 256,
+    max_step_ms: Annotated[
+        float,
+        typer.Option(
+            "--max-step-ms",
+            min=0.0,
+            help=STEP_MS_HELP,
+        ),
+    ] = 0.0,
     frontend_lease: Annotated[
         float,
         typer.Option(
@@ -295,7 +309,12 @@ def engine_command(
 
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
     config = EngineConfig(
-        max_num_seqs, max_total_tokens, max_batch_tokens, max_queue, frontend_lease
+        max_num_seqs=max_num_seqs,
+        max_total_tokens=max_total_tokens,
+        max_batch_tokens=max_batch_tokens,
+        max_step_ms=max_step_ms,
+        max_queue=max_queue,
+        frontend_lease=frontend_lease,
     )
     try:
         run_engine(
@@ -441,6 +460,14 @@ def serve_command(
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 32,
     max_total_tokens: Annotated[int, typer.Option("--max-total-tokens", min=0)] = 0,
     max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=16)] = 512,
+    max_step_ms: Annotated[
+        float,
+        typer.Option(
+            "--max-step-ms",
+            min=0.0,
+            help=STEP_MS_HELP,
+        ),
+    ] = 0.0,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
@@ -452,6 +479,7 @@ def serve_command(
     """Serve the model over HTTP: the OpenAI API and MLC-Chat's REST API."""
     options = ["--max-num-seqs", str(max_num_seqs), "--max-total-tokens", str(max_total_tokens)]
     options += ["--max-batch-tokens", str(max_batch_tokens), "--max-queue", str(max_queue)]
+    options += ["--max-step-ms", str(max_step_ms)]
     if num_threads:
         options += ["--num-threads", str(num_threads)]
     try:

@@ -37,6 +37,10 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_total_tokens: int = 0  # KV cache size in tokens; 0: room for max_num_seqs full contexts
     max_batch_tokens: int = 512  # tokens per step: prefill chunks plus one per running decode
+    # A step that carries running decodes aims to take at most this long (0: no limit); the
+    # prefill beside them is sized to fit. Off by default until its default is measured
+    # (issue 21): the chunk sizes it picks follow the host's timing.
+    max_step_ms: float = 0.0
     # Sequences (choices) waiting beyond max_num_seqs; a request that would pass this bound is
     # refused with QUEUE_FULL, so the queue stays bounded however many frontends send.
     max_queue: int = 256
@@ -59,7 +63,9 @@ class Engine:
             config.max_num_seqs, total_tokens, config.max_batch_tokens
         )
         self.capacity = self.kv_cache.num_pages * self.kv_cache.page_size
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_batch_tokens)
+        self.scheduler = Scheduler(
+            self.kv_cache, config.max_num_seqs, config.max_batch_tokens, config.max_step_ms / 1000
+        )
         self.sampler = Sampler()
         self.eos_token_ids = set(model.eos_token_ids)
         self.grammars = Grammars(runtime.model_folder, model.vocab_size, model.eos_token_ids)
@@ -180,6 +186,9 @@ class Engine:
             outputs = self._fail(batch, f"engine step failed: {error}")
         self.stats.steps += 1
         self.stats.last_step_seconds = time.perf_counter() - start
+        self.scheduler.costs.observe(
+            len(batch.decodes), batch.prefill_tokens, self.stats.last_step_seconds
+        )
         return outputs
 
     def _run(self, batch: Batch) -> list[SequenceOutput]:

@@ -1,6 +1,13 @@
 """Decide what each engine step computes: every running decode plus prefill chunks within a
 token budget, admitting waiting sequences while KV pages and `max_num_seqs` allow.
 
+When decodes are running and a step-time budget is set, prefill gets only the tokens that fit
+in the rest of the budget (by the engine's measured step costs), so running streams keep
+flowing while long prompts arrive; with no decodes running, prefill takes whole chunks.
+Prompts are served first come, first served: the oldest prompt part-way through gets the
+budget first, and a waiting prompt is never passed over by a later one. Every step gives
+prefill at least `MIN_PREFILL_TOKENS`, so a prompt is never starved however busy decoding is.
+
 When the KV cache cannot hold the next step, the newest running sequence is preempted: its
 pages are freed and it goes back to the front of the queue, to be computed again later.
 """
@@ -12,6 +19,9 @@ from dataclasses import dataclass, field
 
 from mlc_engine.engine.runtime import KVCache
 from mlc_engine.engine.sequence import Sequence, Status
+from mlc_engine.engine.step_costs import StepCosts
+
+MIN_PREFILL_TOKENS = 16
 
 
 @dataclass
@@ -33,6 +43,11 @@ class Batch:
     prefills: list[Chunk] = field(default_factory=list)
     decodes: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    prefill_budget: int = 0  # the prefill tokens this step was allowed
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(chunk.end - chunk.start for chunk in self.prefills)
 
     @property
     def empty(self) -> bool:
@@ -46,10 +61,18 @@ def pages_for(length: int, page_size: int) -> int:
 class Scheduler:
     """The waiting queue (FIFO, preempted sequences first) and the running set (by admission)."""
 
-    def __init__(self, kv_cache: KVCache, max_num_seqs: int, max_batch_tokens: int):
+    def __init__(
+        self,
+        kv_cache: KVCache,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        max_step_seconds: float = 0.0,
+    ):
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.max_step_seconds = max_step_seconds  # 0: no time budget
+        self.costs = StepCosts()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # Pages kept free at admission so that running sequences can grow without preemption.
@@ -95,7 +118,8 @@ class Scheduler:
 
     def _fill(self, batch: Batch) -> None:
         free = self._make_room_for_decodes(batch)
-        budget = self.max_batch_tokens - len(batch.decodes)
+        budget = self._prefill_budget(len(batch.decodes))
+        batch.prefill_budget = budget
         for seq in self.running:
             if seq.in_prompt and budget > 0:
                 chunk = self._chunk(seq, budget, free)
@@ -118,6 +142,16 @@ class Scheduler:
             batch.prefills.append(chunk)
             budget -= chunk.end - chunk.start
             free -= self._growth(seq, chunk.end - chunk.start) + self._fork_pages(seq)
+
+    def _prefill_budget(self, decodes: int) -> int:
+        """Prefill tokens for a step with `decodes` decodes: what the token budget leaves, and
+        with decodes running, no more than fits in the step-time budget."""
+        budget = self.max_batch_tokens - decodes
+        if decodes and self.max_step_seconds:
+            timed = self.costs.prefill_tokens_within(self.max_step_seconds, decodes)
+            if timed is not None:
+                budget = min(budget, max(timed, MIN_PREFILL_TOKENS))
+        return budget
 
     def _make_room_for_decodes(self, batch: Batch) -> int:
         """Schedule every running decode, preempting the newest sequences until they fit;
