@@ -286,6 +286,13 @@ def engine_command(
             help="Seconds without a word from a frontend before its requests are aborted.",
         ),
     ] = 30.0,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Keep finished requests' KV for later prompts that start the same.",
+        ),
+    ] = True,
 ) -> None:
     """Run one engine process: continuous batching on one device, served over ZeroMQ."""
     import logging
@@ -295,7 +302,7 @@ def engine_command(
 
     logging.basicConfig(level=logging.INFO, format="engine %(levelname)s %(message)s")
     config = EngineConfig(
-        max_num_seqs, max_total_tokens, max_batch_tokens, max_queue, frontend_lease
+        max_num_seqs, max_total_tokens, max_batch_tokens, max_queue, frontend_lease, prefix_cache
     )
     try:
         run_engine(
@@ -441,6 +448,13 @@ def serve_command(
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 32,
     max_total_tokens: Annotated[int, typer.Option("--max-total-tokens", min=0)] = 0,
     max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=16)] = 512,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Keep finished requests' KV for later prompts that start the same.",
+        ),
+    ] = True,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
@@ -454,6 +468,8 @@ def serve_command(
     options += ["--max-batch-tokens", str(max_batch_tokens), "--max-queue", str(max_queue)]
     if num_threads:
         options += ["--num-threads", str(num_threads)]
+    if not prefix_cache:
+        options.append("--no-prefix-cache")
     try:
         serve(
             model, lib_path, device, host, port, api_style, api_key, max_queue, workers,
