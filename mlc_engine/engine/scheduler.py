@@ -102,12 +102,14 @@ class Scheduler:
                 break
         return self.kv_cache.free_pages()
 
-    def _hit(self, seq: Sequence, batch: Batch) -> Hit | None:
+    def _consults_cache(self, seq: Sequence) -> bool:
         # A sequence that still wants its prompt's logprobs needs the logits of every prompt
         # token, so it computes them all: the cache is bypassed.
-        if self.prefix_cache is None or seq.num_computed or seq.scores_prompt:
+        return self.prefix_cache is not None and not seq.scores_prompt
+
+    def _hit(self, seq: Sequence) -> Hit | None:
+        if self.prefix_cache is None or not self._consults_cache(seq):
             return None
-        batch.queried_tokens += len(seq.token_ids)
         return self.prefix_cache.match(seq.token_ids)
 
     def _preempt_newest(self, batch: Batch) -> None:
@@ -143,7 +145,7 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + 1 + len(seq.children) > self.max_num_seqs:
                 break
-            hit = self._hit(seq, batch)
+            hit = self._hit(seq)
             reserve = self.watermark + self._fork_pages(seq)
             chunk, free = self._admission_chunk(seq, hit, budget, free, reserve)
             if chunk is None and hit is not None and self.prefix_cache is not None:
@@ -173,6 +175,8 @@ class Scheduler:
 
     def _start(self, seq: Sequence, hit: Hit | None, batch: Batch) -> None:
         seq.num_cached_tokens = 0
+        if self._consults_cache(seq):
+            batch.queried_tokens += len(seq.token_ids)
         if hit is None or self.prefix_cache is None:
             self.kv_cache.add_sequence(seq.seq_id)
         else:
