@@ -300,6 +300,13 @@ def engine_command(
             help="Seconds without a word from a frontend before its requests are aborted.",
         ),
     ] = 30.0,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Keep finished requests' KV for later prompts that start the same.",
+        ),
+    ] = False,
 ) -> None:
     """Run one engine process: continuous batching on one device, served over ZeroMQ."""
     import logging
@@ -315,6 +322,7 @@ def engine_command(
         max_step_ms=max_step_ms,
         max_queue=max_queue,
         frontend_lease=frontend_lease,
+        prefix_cache=prefix_cache,
     )
     try:
         run_engine(
@@ -468,6 +476,13 @@ def serve_command(
             help=STEP_MS_HELP,
         ),
     ] = 0.0,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Keep finished requests' KV for later prompts that start the same.",
+        ),
+    ] = False,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
@@ -482,6 +497,8 @@ def serve_command(
     options += ["--max-step-ms", str(max_step_ms)]
     if num_threads:
         options += ["--num-threads", str(num_threads)]
+    if prefix_cache:
+        options.append("--prefix-cache")
     try:
         serve(
             model, lib_path, device, host, port, api_style, api_key, max_queue, workers,

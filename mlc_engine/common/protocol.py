@@ -200,8 +200,9 @@ class StatsSnapshot:
 
     num_waiting: int = 0
     num_running: int = 0
-    kv_pages_free: int = 0
+    kv_pages_free: int = 0  # counting those only the prefix cache holds (it gives them up)
     kv_pages_total: int = 0
+    kv_pages_cached: int = 0  # held only by the prefix cache
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
@@ -211,6 +212,8 @@ class StatsSnapshot:
     preemptions: int = 0
     requests_finished: int = 0
     requests_failed: int = 0
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up at admission
+    prefix_cache_hit_tokens: int = 0  # of those, found in the prefix cache (not computed)
 
 
 @dataclasses.dataclass

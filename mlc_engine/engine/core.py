@@ -24,6 +24,7 @@ from mlc_engine.common.protocol import (
     StatsSnapshot,
 )
 from mlc_engine.engine.grammar import GrammarError, Grammars, allowed_tokens, refusal
+from mlc_engine.engine.prefix_cache import PrefixCache
 from mlc_engine.engine.runtime import ModelRuntime
 from mlc_engine.engine.sampler import Sample, Sampler, token_logprobs
 from mlc_engine.engine.scheduler import Batch, Chunk, Scheduler, pages_for
@@ -46,6 +47,10 @@ class EngineConfig:
     max_queue: int = 256
     # A frontend silent for this long (seconds) is gone: its requests are aborted.
     frontend_lease: float = 30.0
+    # Keep finished sequences' KV for new prompts that start the same (engine/prefix_cache.py).
+    # Off by default until measured (issue 16): a prompt forked from the cache is computed in
+    # other chunks than alone, which can flip a near-tie greedy token of a 4-bit model.
+    prefix_cache: bool = False
 
 
 class Engine:
@@ -63,8 +68,13 @@ class Engine:
             config.max_num_seqs, total_tokens, config.max_batch_tokens
         )
         self.capacity = self.kv_cache.num_pages * self.kv_cache.page_size
+        self.prefix_cache = PrefixCache(self.kv_cache) if config.prefix_cache else None
         self.scheduler = Scheduler(
-            self.kv_cache, config.max_num_seqs, config.max_batch_tokens, config.max_step_ms / 1000
+            self.kv_cache,
+            config.max_num_seqs,
+            config.max_batch_tokens,
+            self.prefix_cache,
+            config.max_step_ms / 1000,
         )
         self.sampler = Sampler()
         self.eos_token_ids = set(model.eos_token_ids)
@@ -93,7 +103,10 @@ class Engine:
     def snapshot(self) -> StatsSnapshot:
         self.stats.num_waiting = len(self.scheduler.waiting)
         self.stats.num_running = len(self.scheduler.running)
-        self.stats.kv_pages_free = self.kv_cache.free_pages()
+        # Pages only the prefix cache holds count as free: they are evicted when needed.
+        cached = self.prefix_cache.pages() if self.prefix_cache else 0
+        self.stats.kv_pages_cached = cached
+        self.stats.kv_pages_free = self.kv_cache.free_pages() + cached
         self.stats.kv_pages_total = self.kv_cache.num_pages
         return StatsSnapshot(**vars(self.stats))
 
@@ -176,6 +189,8 @@ class Engine:
     def step(self) -> list[SequenceOutput]:
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
+        self.stats.prefix_cache_queried_tokens += batch.queried_tokens
+        self.stats.prefix_cache_hit_tokens += batch.hit_tokens
         if batch.empty:
             return []
         start = time.perf_counter()
@@ -237,7 +252,7 @@ class Engine:
 
     def _prefill(self, chunks: list[Chunk]) -> list[tuple[Sequence, np.ndarray]]:
         start = time.perf_counter()
-        whole = [self._wants_prompt_logprobs(chunk) for chunk in chunks]
+        whole = [chunk.seq.scores_prompt for chunk in chunks]
         logits = self.runtime.prefill(
             self.kv_cache,
             [chunk.seq.seq_id for chunk in chunks],
@@ -268,10 +283,6 @@ class Engine:
             seq.num_computed += 1
         return list(zip(seqs, logits, strict=True))
 
-    def _wants_prompt_logprobs(self, chunk: Chunk) -> bool:
-        seq = chunk.seq
-        return seq.params.prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens
-
     def _score_prompt(self, chunk: Chunk, rows: np.ndarray) -> None:
         """Row j scores token start + j + 1; score the prompt tokens not scored yet."""
         seq = chunk.seq
@@ -290,7 +301,8 @@ class Engine:
         running = self.scheduler.running
         for child in children:
             needed = pages_for(1, self.kv_cache.page_size)
-            if len(running) >= self.config.max_num_seqs or self.kv_cache.free_pages() <= needed:
+            full = len(running) >= self.config.max_num_seqs
+            if full or self.scheduler.reclaim(needed + 1) <= needed:
                 self.scheduler.waiting.appendleft(child)  # computes the prompt on its own
                 continue
             self.kv_cache.fork_sequence(parent.seq_id, child.seq_id)
@@ -353,7 +365,7 @@ class Engine:
             return []
         for seq in choices:
             if seq.status is not Status.FINISHED:
-                self.scheduler.remove(seq)
+                self.scheduler.remove(seq, cache=False)  # a failed step may leave its KV unsound
         self.stats.requests_failed += 1
         return [_error(request_id, 0, message)]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -48,7 +49,12 @@ _clear_pool = _builtin("memory_manager.clear")
 
 class KVCache:
     """Sequences live here, by integer id; one forward pass at a time runs between
-    `begin_forward` and `end_forward`."""
+    `begin_forward` and `end_forward`.
+
+    It mirrors which pages each sequence holds, as TVM's cache lays them out: a sequence's full
+    pages may be shared (forks), its partly filled last page never is (a fork inside a page
+    copies it). So the engine can count the pages only some sequences hold, which TVM does not
+    say."""
 
     _add = _builtin("kv_state_add_sequence")
     _remove = _builtin("kv_state_remove_sequence")
@@ -63,19 +69,34 @@ class KVCache:
     def __init__(self, handle: tvm.runtime.Object):
         self.handle = handle
         self.num_pages = self.free_pages()  # all of them, while the cache is empty
+        self.lengths: dict[int, int] = {}  # tokens each sequence holds
+        self._pages: dict[int, list[int]] = {}  # page labels (not TVM's ids) of each sequence
+        self._next_page = itertools.count()
 
     def add_sequence(self, seq_id: int) -> None:
         self._add(self.handle, seq_id)
+        self.lengths[seq_id], self._pages[seq_id] = 0, []
 
     def remove_sequence(self, seq_id: int) -> None:
         self._remove(self.handle, seq_id)
+        del self.lengths[seq_id], self._pages[seq_id]
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
-        """The child shares the parent's pages up to `fork_pos` (-1: all of them)."""
+        """The child shares the parent's full pages up to `fork_pos` (-1: all of its tokens);
+        a partly filled page at `fork_pos` is copied."""
         self._fork(self.handle, parent_id, child_id, fork_pos)
+        length = self.lengths[parent_id] if fork_pos == -1 else fork_pos
+        shared = self._pages[parent_id][: length // self.page_size]
+        copied = [next(self._next_page)] if length % self.page_size else []
+        self.lengths[child_id], self._pages[child_id] = length, shared + copied
 
     def begin_forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         self._begin(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
+        for seq_id, length in zip(seq_ids, lengths, strict=True):
+            self.lengths[seq_id] += length
+            pages = self._pages[seq_id]
+            while len(pages) * self.page_size < self.lengths[seq_id]:
+                pages.append(next(self._next_page))
 
     def end_forward(self) -> None:
         self._end(self.handle)
@@ -85,6 +106,15 @@ class KVCache:
 
     def total_sequence_length(self) -> int:
         return int(self._total_length(self.handle))
+
+    def pages_held_only_by(self, seq_ids: set[int]) -> int:
+        """The pages that removing all of `seq_ids` would free."""
+        others = {page for s, pages in self._pages.items() if s not in seq_ids for page in pages}
+        return len({page for s in seq_ids for page in self._pages[s]} - others)
+
+    def pages_in_use(self) -> int:
+        """By the mirror; equals `num_pages - free_pages()` unless the mirror is wrong."""
+        return len({page for pages in self._pages.values() for page in pages})
 
 
 class ModelRuntime:

@@ -35,6 +35,8 @@ class Sequence:
         self.token_ids = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed = 0
+        # Of the tokens in the KV cache, those that came from the prefix cache at admission.
+        self.num_cached_tokens = 0
         self.status = Status.WAITING
         # Choices 1..n-1 of a request wait here until choice 0 has computed the prompt; then
         # they fork its KV (sharing the prompt's pages) and sample from the same logits.
@@ -77,6 +79,11 @@ class Sequence:
         """Still computing its prompt (or recomputing after preemption)."""
         return self.num_pending > 1 or self.num_computed == 0
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Wants prompt logprobs it does not have yet (they need every prompt token's logits)."""
+        return self.params.prompt_logprobs and len(self.prompt_logprobs) < self.num_prompt_tokens
+
     def append(self, token: int) -> None:
         now = time.monotonic()
         if self.first_token_time is None:
@@ -87,5 +94,7 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         self.num_computed = 0
+        # Of the tokens in the KV cache, those that came from the prefix cache at admission.
+        self.num_cached_tokens = 0
         self.status = Status.WAITING
         self.preemptions += 1

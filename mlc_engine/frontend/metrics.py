@@ -26,6 +26,10 @@ class EngineGauges(Collector):
             "num_running": "Sequences running in the engine",
             "kv_pages_free": "Free KV cache pages",
             "kv_pages_total": "KV cache pages in all",
+            "kv_pages_cached": "KV cache pages held only by the prefix cache (counted as free)",
+            # Totals since start or RESET, so gauges: a RESET takes them back to 0.
+            "prefix_cache_queried_tokens": "Prompt tokens looked up in the prefix cache",
+            "prefix_cache_hit_tokens": "Prompt tokens found in the prefix cache, not computed",
         }
         for name, documentation in fields.items():
             family = GaugeMetricFamily(f"mlc_engine_{name}", documentation, labels=["engine"])

@@ -77,7 +77,10 @@ def test_concurrent_greedy_requests_match_each_alone(engine: EngineProcess) -> N
 def test_smollm2_concurrent_greedy_requests_match_each_alone(
     smollm2: LoadedModel, tmp_path: Path
 ) -> None:
-    with engine_process(smollm2.folder, tmp_path) as started:
+    # Without the prefix cache: the "together" round would prefill only what "alone" did not,
+    # and the q4 kernels' logits depend on how a prompt is split into chunks (as with
+    # --max-batch-tokens), which can flip a near-tie.
+    with engine_process(smollm2.folder, tmp_path, "--no-prefix-cache") as started:
         asyncio.run(alone_and_together(started, 8, 16))
 
 
@@ -285,3 +288,21 @@ def test_requests_of_a_silent_frontend_are_aborted_after_its_lease(
 
     with engine_process(tiny.folder, tmp_path, "--frontend-lease", "2") as started:
         asyncio.run(main(started))
+
+
+def test_prefix_cache_hits_are_counted_and_it_is_off_by_default(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    async def hits(engine: EngineProcess) -> tuple[int, int]:
+        client = engine.client()
+        await client.connect()
+        for request_id in ("first", "again"):
+            await collect(client, request_id, list(range(3, 43)), greedy(4))
+        stats = await client.fetch_stats()
+        await client.close()
+        return stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens
+
+    with engine_process(tiny.folder, tmp_path / "on", "--prefix-cache") as started:
+        assert asyncio.run(hits(started)) == (80, 32)
+    with engine_process(tiny.folder, tmp_path / "off") as started:
+        assert asyncio.run(hits(started)) == (0, 0)

@@ -195,6 +195,8 @@ def test_models_health_tokenize_detokenize_and_metrics(tiny_server_url: str) -> 
         "mlc_engine_inter_token_latency_seconds_bucket",
         'mlc_engine_kv_pages_free{engine="0"}',
         'mlc_engine_num_waiting{engine="0"}',
+        'mlc_engine_kv_pages_cached{engine="0"}',
+        'mlc_engine_prefix_cache_hit_tokens{engine="0"}',
     ):
         assert name in metrics
 
