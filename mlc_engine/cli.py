@@ -57,10 +57,22 @@ def _progress() -> Progress:
     )
 
 
-STEP_MS_HELP = (
-    "Time a step with running decodes aims for; the prefill beside them is sized to fit "
-    "(0: no limit)."
-)
+StepMsOption = Annotated[
+    float,
+    typer.Option(
+        "--max-step-ms",
+        min=0.0,
+        help="Time a step with running decodes aims for; the prefill beside them is sized to "
+        "fit (0: no limit).",
+    ),
+]
+PrefixCacheOption = Annotated[
+    bool,
+    typer.Option(
+        "--prefix-cache/--no-prefix-cache",
+        help="Keep finished requests' KV for later prompts that start the same.",
+    ),
+]
 
 
 def _prepare(
@@ -284,14 +296,7 @@ def engine_command(
             "--max-queue", min=0, help="Sequences waiting beyond --max-num-seqs before refusals."
         ),
     ] = 256,
-    max_step_ms: Annotated[
-        float,
-        typer.Option(
-            "--max-step-ms",
-            min=0.0,
-            help=STEP_MS_HELP,
-        ),
-    ] = 0.0,
+    max_step_ms: StepMsOption = 0.0,
     frontend_lease: Annotated[
         float,
         typer.Option(
@@ -300,13 +305,7 @@ def engine_command(
             help="Seconds without a word from a frontend before its requests are aborted.",
         ),
     ] = 30.0,
-    prefix_cache: Annotated[
-        bool,
-        typer.Option(
-            "--prefix-cache/--no-prefix-cache",
-            help="Keep finished requests' KV for later prompts that start the same.",
-        ),
-    ] = False,
+    prefix_cache: PrefixCacheOption = False,
 ) -> None:
     """Run one engine process: continuous batching on one device, served over ZeroMQ."""
     import logging
@@ -468,21 +467,8 @@ def serve_command(
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 32,
     max_total_tokens: Annotated[int, typer.Option("--max-total-tokens", min=0)] = 0,
     max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=16)] = 512,
-    max_step_ms: Annotated[
-        float,
-        typer.Option(
-            "--max-step-ms",
-            min=0.0,
-            help=STEP_MS_HELP,
-        ),
-    ] = 0.0,
-    prefix_cache: Annotated[
-        bool,
-        typer.Option(
-            "--prefix-cache/--no-prefix-cache",
-            help="Keep finished requests' KV for later prompts that start the same.",
-        ),
-    ] = False,
+    max_step_ms: StepMsOption = 0.0,
+    prefix_cache: PrefixCacheOption = False,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
