@@ -192,6 +192,8 @@ class SequenceOutput:
     error: str | None = None
     metrics: RequestMetrics | None = None
     error_code: str | None = None  # an ErrorCode, with finish_reason "error"
+    # On choice 0's first output: its prompt tokens whose KV came from the prefix cache.
+    cached_tokens: int | None = None
 
 
 @dataclasses.dataclass

@@ -381,6 +381,9 @@ class Engine:
         if seq.params.prompt_logprobs and first_output and not seq.prompt_logprobs_sent:
             output.prompt_logprobs = seq.prompt_logprobs
             seq.prompt_logprobs_sent = True
+        if seq.index == 0 and first_output and not seq.cached_tokens_sent:
+            output.cached_tokens = seq.num_cached_tokens
+            seq.cached_tokens_sent = True
         if reason is not None:
             output.finish_reason = reason.value
             output.metrics = _metrics(seq)

@@ -37,6 +37,7 @@ class Sequence:
         self.num_computed = 0
         # Of the tokens in the KV cache, those that came from the prefix cache at admission.
         self.num_cached_tokens = 0
+        self.cached_tokens_sent = False
         self.status = Status.WAITING
         # Choices 1..n-1 of a request wait here until choice 0 has computed the prompt; then
         # they fork its KV (sharing the prompt's pages) and sample from the same logits.

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.protocol import ErrorCode, SamplingParams, SequenceOutput, TokenLogprob
@@ -69,13 +70,15 @@ class Choice:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         total = self.prompt_tokens + self.completion_tokens
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": total,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 
@@ -181,6 +184,7 @@ class Generation:
         choice = self.choices[prompt_index * self.params.n + output.index]
         if output.prompt_logprobs is not None:
             self.prompt_logprobs[prompt_index] = output.prompt_logprobs
+        self.usage.cached_tokens += output.cached_tokens or 0
         if choice.finished:
             return None
         self._observe(output)

@@ -33,10 +33,15 @@ class ErrorResponse(Reply):
     error: ErrorDetail
 
 
+class PromptTokensDetails(Reply):
+    cached_tokens: int = Field(description="Prompt tokens whose KV came from the prefix cache.")
+
+
 class Usage(Reply):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class _Head(Reply):
