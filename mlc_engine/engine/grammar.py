@@ -86,9 +86,6 @@ class Grammars:
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
         return bitmask
 
-    def close(self) -> None:
-        self._worker.shutdown(wait=False)
-
 
 def allowed_tokens(bitmask_row: np.ndarray, vocab_size: int) -> np.ndarray:
     """A bitmask row as one boolean per token."""

@@ -28,7 +28,13 @@ from typing import Any
 import llguidance
 
 from mlc_engine.frontend.errors import BadRequestError
-from mlc_engine.frontend.schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
+from mlc_engine.frontend.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+)
 from mlc_engine.frontend.structured import JSON_OPTIONS
 from mlc_engine.frontend.tool_parser import CALL_CLOSE, CALL_OPEN, PYTHON_TAG
 
@@ -81,7 +87,7 @@ def _native_message(message: ChatMessage) -> dict[str, Any]:
     return rendered
 
 
-def _arguments(call: Any) -> Any:
+def _arguments(call: ToolCall) -> Any:
     """A call's arguments as templates expect them: the JSON object, when it is one."""
     try:
         return json.loads(call.function.arguments)
@@ -95,11 +101,11 @@ def _plain_message(message: ChatMessage, parser: str) -> dict[str, Any]:
     text = message.text()
     if message.tool_calls:
         calls = [(call.function.name, _arguments(call)) for call in message.tool_calls]
-        text += format_calls(calls, parser)
+        text += _format_calls(calls, parser)
     return {"role": message.role, "content": text}
 
 
-def format_calls(calls: list[tuple[str, Any]], parser: str) -> str:
+def _format_calls(calls: list[tuple[str, Any]], parser: str) -> str:
     """Calls written as the model writes them in `parser`'s format."""
     if parser == "llama3_json":
         return "; ".join(json.dumps({"name": name, "parameters": args}) for name, args in calls)
