@@ -61,6 +61,7 @@ class Summary:
     short: int  # completed with fewer output tokens than asked (the server stopped at EOS)
     duration: float  # seconds, the batches' wall times added up
     prompt_tokens: int  # as the servers reported them (0 where a server reports no usage)
+    cached_tokens: int | None  # of those, from the server's prompt cache (None: not reported)
     output_tokens: int
     request_throughput: float  # completed requests / duration
     output_throughput: float  # output tokens / duration
@@ -77,6 +78,7 @@ def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: i
     done = [r for r in results if r.ok]
     duration = sum(batch.duration for batch in batches)
     prompt_tokens = sum(r.prompt_tokens or 0 for r in done)
+    reported = [r.cached_tokens for r in done if r.cached_tokens is not None]
     output_tokens = sum(r.output_tokens for r in done)
 
     def per_second(amount: float) -> float:
@@ -91,6 +93,7 @@ def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: i
         short=sum(r.output_tokens < asked_tokens for r in done),
         duration=duration,
         prompt_tokens=prompt_tokens,
+        cached_tokens=sum(reported) if reported else None,
         output_tokens=output_tokens,
         request_throughput=per_second(len(done)),
         output_throughput=per_second(output_tokens),
