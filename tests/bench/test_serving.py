@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -108,16 +109,13 @@ def test_a_multi_turn_run_resends_each_conversation_and_hits_the_prefix_cache(
     args = ["--scenario", "multi-turn", "--turns", "3", "--concurrency", "2"]
     args += ["--num-requests", "2", "--input-len", "40", "--output-len", str(OUTPUT_TOKENS)]
     data = bench(tiny_server_url, tmp_path, *args)["data"]
-    requests = sorted(
-        data["requests"], key=lambda r: (r["round"] if "round" in r else 0, r["index"], r["turn"])
-    )
-    assert sorted((r["index"], r["turn"]) for r in requests) == [
-        (i, t) for i in (0, 1) for t in range(3)
-    ]
+    requests = data["requests"]
+    expected = [(index, turn) for index in (0, 1) for turn in range(3)]
+    assert sorted((r["index"], r["turn"]) for r in requests) == expected
     for index in (0, 1):
         turns = sorted((r for r in requests if r["index"] == index), key=lambda r: r["turn"])
         assert all(r["error"] is None for r in turns)
-        for before, after in zip(turns, turns[1:]):
+        for before, after in itertools.pairwise(turns):
             # The history (the reply included) comes again, and the server found most of it.
             assert after["prompt_tokens"] > before["prompt_tokens"] + before["output_tokens"]
             assert after["cached_tokens"] >= before["prompt_tokens"] - 16
