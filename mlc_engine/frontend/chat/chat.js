@@ -94,7 +94,8 @@ async function loadModels() {
     return;
   }
   if (response.status === 401) {
-    askForKey("This server needs an API key.");
+    const tried = sessionStorage.getItem(KEY) !== null;
+    askForKey(tried ? "The server refused this key." : "This server needs an API key.");
     return;
   }
   if (!response.ok) {
