@@ -172,10 +172,11 @@ function showError(error) {
 }
 
 // Time to first token, then the decode rate after it, and how the answer ended.
-function statsText(timing, tokens, ending) {
-  if (timing.first === null) return ending || "waiting for the first token...";
-  const parts = [`TTFT ${((timing.first - timing.start) / 1000).toFixed(2)} s`];
-  const seconds = (performance.now() - timing.first) / 1000;
+function statsText(progress) {
+  const { start, first, tokens, ending } = progress;
+  if (first === null) return ending || "waiting for the first token...";
+  const parts = [`TTFT ${((first - start) / 1000).toFixed(2)} s`];
+  const seconds = (performance.now() - first) / 1000;
   if (tokens > 1 && seconds > 0) parts.push(`${((tokens - 1) / seconds).toFixed(1)} tok/s`);
   parts.push(`${tokens} token${tokens === 1 ? "" : "s"}`);
   if (ending) parts.push(ending);
@@ -184,71 +185,72 @@ function statsText(timing, tokens, ending) {
 
 const ENDINGS = { length: "cut at max tokens", stop: "", tool_calls: "tool call" };
 
+// Reads a streamed answer into `progress`, calling `update` after each piece of text.
+async function readAnswer(response, progress, update) {
+  for await (const event of events(response)) {
+    if (event.error) throw new ServerError(0, event.error.message);
+    if (event.usage) progress.tokens = event.usage.completion_tokens;
+    const choice = event.choices?.[0];
+    if (choice?.delta?.content) {
+      progress.first ??= performance.now();
+      progress.text += choice.delta.content;
+      progress.tokens += 1; // one event a step: a token (the usage chunk gives the exact count)
+      update();
+    }
+    if (choice?.finish_reason) {
+      progress.ending = ENDINGS[choice.finish_reason] ?? choice.finish_reason;
+    }
+  }
+}
+
 async function send() {
   const text = $("prompt").value.trim();
   if (!text || state.controller) return;
   $("prompt").value = "";
   const turn = { role: "user", content: text };
+  const history = state.history; // New chat during the answer starts another one
   const question = addMessage("user");
   question.content.textContent = text;
   const answer = addMessage("assistant");
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
-  const timing = { start: performance.now(), first: null };
-  let reply = "";
-  let tokens = 0;
-  let ending = "";
+  const progress = { start: performance.now(), first: null, text: "", tokens: 0, ending: "" };
   let frame = 0;
   const render = () => {
     frame = 0;
-    answer.content.replaceChildren(renderMarkdown(reply));
-    answer.stats.textContent = statsText(timing, tokens, ending);
-    const list = $("messages");
-    list.scrollTop = list.scrollHeight;
+    answer.content.replaceChildren(renderMarkdown(progress.text));
+    answer.stats.textContent = statsText(progress);
+    $("messages").scrollTop = $("messages").scrollHeight;
   };
-  answer.stats.textContent = statsText(timing, 0, "");
+  answer.stats.textContent = statsText(progress);
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: headers(),
-      body: JSON.stringify(requestBody([...state.history, turn])),
+      body: JSON.stringify(requestBody([...history, turn])),
       signal: controller.signal,
     });
     if (!response.ok) throw await errorOf(response);
-    for await (const event of events(response)) {
-      if (event.error) throw new ServerError(0, event.error.message);
-      if (event.usage) tokens = event.usage.completion_tokens;
-      const choice = event.choices?.[0];
-      if (choice?.delta?.content) {
-        timing.first ??= performance.now();
-        reply += choice.delta.content;
-        tokens += 1;
-        frame ||= requestAnimationFrame(render);
-      }
-      if (choice?.finish_reason) ending = ENDINGS[choice.finish_reason] ?? choice.finish_reason;
-    }
-    state.history.push(turn, { role: "assistant", content: reply });
+    await readAnswer(response, progress, () => (frame ||= requestAnimationFrame(render)));
+    history.push(turn, { role: "assistant", content: progress.text });
   } catch (error) {
-    if (error.name === "AbortError") {
-      ending = "stopped";
-      state.history.push(turn, { role: "assistant", content: reply });
-    } else if (reply) {
-      ending = "failed";
-      showError(error);
-      state.history.push(turn, { role: "assistant", content: reply });
+    const stopped = error.name === "AbortError";
+    if (progress.text) {
+      progress.ending = stopped ? "stopped" : "failed";
+      history.push(turn, { role: "assistant", content: progress.text });
     } else {
       // Nothing came back: take the question back into the box, to send again.
       question.node.remove();
       answer.node.remove();
       $("prompt").value = text;
-      showError(error);
       if (error.status === 401) askForKey(describe(error));
     }
+    if (!stopped) showError(error);
   } finally {
     cancelAnimationFrame(frame);
     if (answer.node.isConnected) render();
-    answer.node.dataset.done = ending || "stop";
+    answer.node.dataset.done = progress.ending || "stop";
     state.controller = null;
     setBusy(false);
   }
