@@ -48,12 +48,17 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    """A fresh page; it fails the test if the page's script throws."""
+    """A fresh page; it fails the test if the page's script throws, or if its own policy
+    blocks something of the page's."""
     context = browser.new_context(viewport={"width": 1100, "height": 760})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on(
+        "console",
+        lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     yield page
     context.close()
     assert not errors
