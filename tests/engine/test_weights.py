@@ -149,11 +149,11 @@ def test_q4_blocks_rebuild_to_float32_exactly(qwen2_gguf: ModelSource) -> None:
         scale = np.repeat(blocks.scale, 32, axis=1)
         if tensor.kind == "Q4_0":
             assert blocks.minimum is None
-            assert -8 <= blocks.codes.min() and blocks.codes.max() <= 7
+            assert blocks.codes.min() >= -8 and blocks.codes.max() <= 7
             rebuilt = scale * blocks.codes.astype(np.float32)
         else:
             assert blocks.minimum is not None
-            assert 0 <= blocks.codes.min() and blocks.codes.max() <= 15
+            assert blocks.codes.min() >= 0 and blocks.codes.max() <= 15
             rebuilt = scale * blocks.codes.astype(np.float32) + np.repeat(
                 blocks.minimum, 32, axis=1
             )
