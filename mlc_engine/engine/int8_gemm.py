@@ -29,7 +29,10 @@ load gives 4 consecutive codes of each of 8 columns, and they meet a broadcast o
 matching activations as llama.cpp's q8_0 dot does: `vpmaddubsw` multiplies unsigned by signed
 bytes, so the activations go in as magnitudes (`|xq|`, kept beside `xq`) and the codes take
 their signs (`vpsignb`). Two such products reach 2 * 127 * 128, so each word's int16 sums are
-widened at once, and a group's are added as int32.
+widened at once, and a group's are added as int32. 8-bit codes may have a minimum (GGUF's Q5_1,
+and Q5_K's sub-blocks), which adds the offset term as for 4-bit codes, and a scale per 16
+(Q6_K's sub-blocks): activations are still rounded in groups of 32, each covering two weight
+groups, with a sum of its rounded values per weight group.
 
 Rows go through in tiles of 4 (their int16 sums and float accumulators, one register each, with
 the codes and a broadcast, fill the 16 AVX2 registers; 3 to 6 rows ran as fast), or 8 where
