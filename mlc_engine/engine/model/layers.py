@@ -58,10 +58,10 @@ def _q8_value(
     """Element [row, k] of a packed 8-bit matrix: byte k % 4 of its word, sign-extended, in
     groups of `group`."""
     word = _at(weight, row, k // 4)
-    # The byte shifted to the top of the word, then arithmetically back down.
-    top = word << ((3 - k % 4) * 8).astype("uint32")
-    code = tirx.reinterpret("int32", top) >> tirx.const(24, "int32")
-    value = _at(scale, row, k // group) * code.astype(scale.dtype)
+    # The byte shifted down and truncated to int8, which takes its sign. (Shifting it up to the
+    # top with `(3 - k % 4) * 8` made CUDA's lowering fold a negative uint32 constant.)
+    byte = (word >> ((k % 4) * 8).astype("uint32")) & tirx.const(0xFF, "uint32")
+    value = _at(scale, row, k // group) * byte.astype("int8").astype(scale.dtype)
     return value if minimum is None else value + _at(minimum, row, k // group)
 
 
