@@ -12,7 +12,8 @@ Each weight matrix has a storage of its own (`STORAGES`), recorded per tensor in
 `mlc-chat-config.json` (`ModelConfig.tensor_storage`): the scheme's 4-bit format for weights
 converted from floats, or what a GGUF file held where that had more bits (a Q8_0 tensor stays
 8-bit, a float one float: `convert.py`). The scheme's dtype computes throughout.
-- `q4_0`: the symmetric 4-bit groups above; `q4_1`: with a minimum.
+- `q4_0`: the symmetric 4-bit groups above; `q4_1`: with a minimum (also GGUF's Q4_K, whose
+  sub-blocks of 32 each have a scale and a minimum).
 - `q8_0`: GGUF's Q8_0 blocks, `w = scale * code`, code in -128..127, groups of 32; `q8_1`: with
   a minimum, `w = scale * code + minimum`. `q8_0_g16` and `q8_1_g16`: the same in groups of 16.
   GGUF's 5- and 6-bit types (Q5_0, Q5_1, Q5_K, Q6_K) are carried over into these, each code in
