@@ -35,6 +35,7 @@ class RequestResult:
     prompt_tokens: int | None = None  # usage.prompt_tokens
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
     reply: str = ""
+    long: bool = False  # one of a mixed workload's long prompts
     usage_reported: bool = False
     error: str | None = None
 

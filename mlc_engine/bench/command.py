@@ -55,14 +55,20 @@ def bench_command(
         str,
         typer.Option(
             help=f"{', '.join(SCENARIOS)}: one message each, conversations of --turns "
-            "messages resending the history, or --system-len words of system prompt shared by "
-            "every request."
+            "messages resending the history, --system-len words of system prompt shared by "
+            "every request, or one message each with every --long-every-th --long-len words."
         ),
     ] = "independent",
     turns: Annotated[int, typer.Option(min=2, help="User messages per conversation.")] = 4,
     system_len: Annotated[
         int, typer.Option(min=1, help="Shared system prompt length in words.")
     ] = 800,
+    long_len: Annotated[
+        int, typer.Option(min=1, help="Long prompts' length in words (mixed).")
+    ] = 1500,
+    long_every: Annotated[
+        int, typer.Option(min=1, help="One request in this many has a long prompt (mixed).")
+    ] = 4,
     model: Annotated[
         str | None, typer.Option(help="Model name to request (default: each server's first).")
     ] = None,
@@ -86,6 +92,8 @@ def bench_command(
             endpoint, input_len, output_len, num_requests, max_seconds, rounds, seed, scenario,
             turns=turns if scenario == "multi-turn" else 1,
             system_words=system_len if scenario == "shared-prefix" else 0,
+            long_words=long_len if scenario == "mixed" else 0,
+            long_every=long_every if scenario == "mixed" else 0,
         )  # fmt: skip
         source = PromptSource.from_file(text)
         result = run_benchmark(urls, workload, levels, model, source, progress=console.print)

@@ -8,7 +8,8 @@ server sustain. Latencies count only the requests that succeeded:
 - TPOT: per request, (E2E - TTFT) / (output tokens - 1);
 - ITL: every gap between two events that carried text, all requests pooled (a server that sends
   several tokens in one event shows one longer gap for them);
-- E2E: from sending the request to the end of its stream.
+- E2E: from sending the request to the end of its stream;
+- TTFT of long prompts: that of a mixed workload's long prompts alone.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Summary:
     tpot: Distribution
     itl: Distribution
     e2e: Distribution
+    long_ttft: Distribution  # a mixed workload's long prompts (empty in other workloads)
 
 
 def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: int) -> Summary:
@@ -102,13 +104,14 @@ def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: i
         tpot=Distribution.of([r.tpot for r in done if r.tpot is not None]),
         itl=Distribution.of([gap for r in done for gap in r.itls]),
         e2e=Distribution.of([r.e2e for r in done if r.e2e is not None]),
+        long_ttft=Distribution.of([r.ttft for r in done if r.long and r.ttft is not None]),
     )
 
 
-# The figures compared between servers: throughputs (above 1: faster than the first server)
-# and median latencies (above 1: slower).
+# The figures compared between servers: throughputs (above 1: faster than the first server),
+# median latencies and the ITL's p99 (above 1: slower).
 COMPARED = ("request_throughput", "output_throughput", "total_throughput")
-COMPARED_LATENCIES = ("ttft", "tpot", "itl", "e2e")
+COMPARED_LATENCIES = ("ttft", "tpot", "itl", "e2e", "long_ttft")
 
 
 def ratios(summary: Summary, baseline: Summary) -> dict[str, float | None]:
@@ -122,4 +125,5 @@ def ratios(summary: Summary, baseline: Summary) -> dict[str, float | None]:
         mine: Distribution = getattr(summary, name)
         theirs: Distribution = getattr(baseline, name)
         out[f"{name}_median"] = ratio(mine.median, theirs.median)
+    out["itl_p99"] = ratio(summary.itl.p99, baseline.itl.p99)
     return out

@@ -64,9 +64,10 @@ def print_tables(result: BenchmarkResult, console: Console) -> None:
                 f"{s.output_throughput:.1f}",
                 f"{s.total_throughput:.1f}",
             )
-            for figure, d in zip(
-                ("TTFT", "TPOT", "ITL", "E2E"), (s.ttft, s.tpot, s.itl, s.e2e), strict=True
-            ):
+            figures = {"TTFT": s.ttft, "TPOT": s.tpot, "ITL": s.itl, "E2E": s.e2e}
+            if s.long_ttft.count:
+                figures["TTFT long"] = s.long_ttft
+            for figure, d in figures.items():
                 latency.add_row(
                     s.level,
                     _name(s.server),
@@ -85,7 +86,8 @@ def _ratio_table(result: BenchmarkResult) -> Table:
     table = Table(
         title=f"Ratio to {first}: throughputs (above 1: faster), median latencies (above 1: slower)"
     )
-    names = ["req/s", "out tok/s", "all tok/s", *(n.upper() for n in COMPARED_LATENCIES)]
+    latencies = [n.upper().replace("LONG_TTFT", "TTFT long") for n in COMPARED_LATENCIES]
+    names = ["req/s", "out tok/s", "all tok/s", *latencies, "ITL p99"]
     table.add_column("level")
     table.add_column("server", no_wrap=True)
     for column in names:

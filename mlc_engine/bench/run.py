@@ -102,6 +102,7 @@ async def _converse(
         messages.append({"role": "user", "content": text})
         body = request_body(workload.endpoint, target.model, messages, max_tokens)
         result = RequestResult(target.url, label, conversation.index, turn, clock())
+        result.long = conversation.long
         await stream_request(client, target.url, workload.endpoint, body, result)
         keep(result)
         if not result.ok:

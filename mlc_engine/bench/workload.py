@@ -11,7 +11,9 @@ Three scenarios say what a unit of work (a conversation) sends:
 - `multi-turn`: `turns` user messages one after another, each sent with the whole conversation
   so far (the server's own replies included), as chat clients do;
 - `shared-prefix`: one short user message after a long system prompt that every conversation of
-  the run shares, as apps with a fixed system prompt or few-shot examples do.
+  the run shares, as apps with a fixed system prompt or few-shot examples do;
+- `mixed`: one user message each, but every `long_every`-th is `long_words` long: long prompts
+  arrive while short chats stream, which shows whether their prefill stalls the streams.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "pd_english.txt"
 ENDPOINTS = ("chat", "completions")
-SCENARIOS = ("independent", "multi-turn", "shared-prefix")
+SCENARIOS = ("independent", "multi-turn", "shared-prefix", "mixed")
 
 # Request i starts i * STRIDE words into the text (wrapping around): successive prompts share no
 # prefix, so a server's prefix cache cannot skip their prefill. Prime, so that offsets repeat
@@ -44,6 +46,8 @@ class Workload:
     scenario: str = "independent"  # one of SCENARIOS
     turns: int = 1  # user messages per conversation (multi-turn)
     system_words: int = 0  # the shared system prompt's length in words (shared-prefix)
+    long_words: int = 0  # the long prompts' length in words (mixed)
+    long_every: int = 0  # conversations per long one (mixed)
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -60,17 +64,21 @@ class Workload:
             raise ValueError("only a multi-turn workload has more than one turn")
         if (self.scenario == "shared-prefix") != (self.system_words > 0):
             raise ValueError("a shared-prefix workload, and only it, has a system prompt")
+        mixed = self.long_words > 0 and self.long_every > 0
+        if (self.scenario == "mixed") != mixed or (not mixed and self.long_words + self.long_every):
+            raise ValueError("a mixed workload, and only it, has long prompts, every so often")
 
     def conversation(self, source: PromptSource, index: int, run_id: str = "") -> Conversation:
         """What conversation `index` sends; conversations of one run share no user message."""
+        long = self.long_every > 0 and index % self.long_every == self.long_every - 1
+        words = self.long_words if long else self.input_words
         turns = tuple(
-            source.prompt(index * self.turns + turn, self.input_words, run_id)
-            for turn in range(self.turns)
+            source.prompt(index * self.turns + turn, words, run_id) for turn in range(self.turns)
         )
         system = ""
         if self.system_words:
             system = source.prompt(SYSTEM_PROMPT_INDEX, self.system_words, run_id)
-        return Conversation(index, system, turns)
+        return Conversation(index, system, turns, long)
 
 
 # The shared system prompt's place in the text: its words end where request 0's begin.
@@ -85,6 +93,7 @@ class Conversation:
     index: int
     system: str
     turns: tuple[str, ...]
+    long: bool = False  # one of a mixed workload's long prompts
 
 
 @dataclass(frozen=True)

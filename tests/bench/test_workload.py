@@ -103,6 +103,11 @@ def test_each_scenario_sends_its_own_conversations() -> None:
     assert len(conversations[0].system.split()) == 800
     assert len({c.turns for c in conversations}) == 4
 
+    mixed = Workload("chat", 16, 8, 8, 10.0, scenario="mixed", long_words=300, long_every=4)
+    conversations = [mixed.conversation(source, i, "ab12") for i in range(8)]
+    assert [c.long for c in conversations] == [False, False, False, True] * 2
+    assert [len(c.turns[0].split()) for c in conversations[2:4]] == [16, 300]
+
 
 @pytest.mark.parametrize(
     "fields",
@@ -113,6 +118,8 @@ def test_each_scenario_sends_its_own_conversations() -> None:
         {"turns": 2},
         {"scenario": "shared-prefix"},
         {"system_words": 10},
+        {"scenario": "mixed", "long_words": 300},
+        {"long_words": 300, "long_every": 4},
     ],
 )
 def test_workloads_that_do_not_add_up_are_refused(fields: dict) -> None:
