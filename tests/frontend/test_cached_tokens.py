@@ -29,7 +29,9 @@ def _cached(url: str, **fields: object) -> int:
 def test_a_repeated_prompt_reports_its_cached_tokens(tiny_server_url: str) -> None:
     first = _cached(tiny_server_url)
     again = _cached(tiny_server_url)
-    assert first == 0 and again >= 48  # the prompt's whole pages, all but its last token
+    # Other requests to this server share the chat template's system prompt (a page of it);
+    # the same prompt again finds all its whole pages.
+    assert first <= 16 and again >= 48 and again > first
     assert _cached(tiny_server_url, n=2) == again  # counted once per prompt, not per choice
     chunks = []
     body = {"messages": LONG, "max_tokens": 3, "stream": True}
