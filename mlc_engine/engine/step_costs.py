@@ -3,7 +3,10 @@
 A step's time is modelled as the time of its decodes (measured per batch size, from steps that
 decode only) plus a cost per prefill token on top (measured from steps that prefill). Both are
 moving averages, so they follow the host's load. The scheduler asks how many prefill tokens fit
-in what is left of a step's time budget once its decodes are counted.
+in what is left of a step's time budget once its decodes are counted. On a host too slow for
+the budget (the decodes alone take longer), prefill still gets a share of each step: enough
+tokens to take `MIN_PREFILL_SHARE` of the decodes' time, so a waiting prompt moves on at a
+steady fraction of the machine rather than a trickle.
 
 The cost of a prefill token grows with the context it attends to; one average over recent steps
 is the approximation made here.
@@ -12,6 +15,7 @@ is the approximation made here.
 from __future__ import annotations
 
 SMOOTHING = 0.2  # weight of the newest step in each moving average
+MIN_PREFILL_SHARE = 0.5  # prefill takes at least this much of the decodes' time (a third of a step)
 
 
 class StepCosts:
@@ -40,12 +44,14 @@ class StepCosts:
         return self.decode_seconds[nearest] * decodes / nearest
 
     def prefill_tokens_within(self, seconds: float, decodes: int) -> int | None:
-        """How many prefill tokens fit beside `decodes` decodes in a step of `seconds`; None
-        while either cost is unknown."""
+        """How many prefill tokens to run beside `decodes` decodes in a step that aims to take
+        `seconds`: what fits, and at least `MIN_PREFILL_SHARE` of the decodes' time; None while
+        either cost is unknown."""
         decoding = self.decoding(decodes)
         if decoding is None or not self.prefill_token_seconds:
             return None
-        return max(int((seconds - decoding) / self.prefill_token_seconds), 0)
+        fits = seconds - decoding
+        return int(max(fits, MIN_PREFILL_SHARE * decoding) / self.prefill_token_seconds)
 
 
 def _moved(average: float | None, value: float) -> float:
