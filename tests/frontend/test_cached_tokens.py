@@ -15,7 +15,7 @@ LONG = [{"role": "user", "content": "Tell me about the sea. " * 12}]
 
 
 @pytest.fixture(scope="module")
-def untiny_server_url(tiny_chat_model: Path) -> Iterator[str]:
+def uncached_server(tiny_chat_model: Path) -> Iterator[str]:
     with running_server(serve_command(tiny_chat_model, "--no-prefix-cache")) as url:
         yield url
 
@@ -41,5 +41,5 @@ def test_a_repeated_prompt_reports_its_cached_tokens(tiny_server_url: str) -> No
     assert f'"cached_tokens":{again}' in chunks[-1]
 
 
-def test_without_the_cache_nothing_is_cached(untiny_server_url: str) -> None:
-    assert _cached(untiny_server_url) == 0 and _cached(untiny_server_url) == 0
+def test_without_the_cache_nothing_is_cached(uncached_server: str) -> None:
+    assert _cached(uncached_server) == 0 and _cached(uncached_server) == 0
