@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from mlc_engine.common.curve import ClientKeys
 from mlc_engine.common.protocol import (
     BROADCAST,
     Abort,
@@ -49,13 +50,15 @@ class EngineUnavailableError(RuntimeError):
 
 
 class EngineClient:
-    """Talks to the engine bound at `input_endpoint` (PULL) and `output_endpoint` (PUB)."""
+    """Talks to the engine bound at `input_endpoint` (PULL) and `output_endpoint` (PUB), over
+    CURVE with `keys` (an engine on another host)."""
 
     def __init__(
         self,
         input_endpoint: str,
         output_endpoint: str,
         heartbeat_timeout: float = 10.0,
+        keys: ClientKeys | None = None,
     ):
         self.frontend_id = uuid.uuid4().hex
         self._topic = self.frontend_id.encode()
@@ -66,15 +69,19 @@ class EngineClient:
         self._context.setsockopt(zmq.LINGER, 0)
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.connect(input_endpoint)
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.RCVHWM, 0)
+        if keys is not None:
+            keys.apply(self._push)
+            keys.apply(self._sub)
+        self._push.connect(input_endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         self._sub.setsockopt(zmq.SUBSCRIBE, BROADCAST)
         self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._sub.connect(output_endpoint)
         self._streams: dict[str, asyncio.Queue[SequenceOutput]] = {}
         self._sequences = 0
+        self._sent_since_stats = 0  # sequences sent after the engine's latest stats
         self._replies: dict[MessageType, asyncio.Queue[Any]] = {
             MessageType.READY: asyncio.Queue(),
             MessageType.STATS_REPLY: asyncio.Queue(),
@@ -121,6 +128,15 @@ class EngineClient:
         """Choices of this client's open requests (n of each)."""
         return self._sequences
 
+    @property
+    def load(self) -> tuple[int, float]:
+        """How busy the engine is, for every frontend it serves, lower first: its waiting and
+        running sequences (as of its latest stats, plus what this client sent since), then
+        the share of its KV pages in use."""
+        sequences = self.stats.num_waiting + self.stats.num_running + self._sent_since_stats
+        total = self.stats.kv_pages_total
+        return sequences, 1 - self.stats.kv_pages_free / total if total else 0.0
+
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncGenerator[SequenceOutput, None]:
@@ -132,6 +148,7 @@ class EngineClient:
         stream: asyncio.Queue[SequenceOutput] = asyncio.Queue()
         self._streams[request_id] = stream
         self._sequences += params.n
+        self._sent_since_stats += params.n
         request = AddRequest(request_id, self.frontend_id, list(prompt_token_ids), params)
         open_choices = params.n
         try:
@@ -169,7 +186,9 @@ class EngineClient:
     def shutdown_engine(self, drain: bool = True) -> None:
         self._send(MessageType.SHUTDOWN, Shutdown(drain))
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "the engine client was closed") -> None:
+        """Stop talking to the engine; requests still open end with `reason` as their error."""
+        self._die(reason)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -190,13 +209,13 @@ class EngineClient:
     def _dispatch(self, kind: MessageType, payload: bytes) -> None:
         if kind is MessageType.STEP:
             step = unpack(StepOutput, payload)
-            self.stats = step.stats
+            self.stats, self._sent_since_stats = step.stats, 0
             for output in step.outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.put_nowait(output)
         elif kind is MessageType.HEARTBEAT:
-            self.stats = unpack(StatsSnapshot, payload)
+            self.stats, self._sent_since_stats = unpack(StatsSnapshot, payload), 0
             self._revive()
         elif kind is MessageType.READY:
             self._replies[kind].put_nowait(unpack(EngineInfo, payload))
