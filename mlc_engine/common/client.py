@@ -81,7 +81,6 @@ class EngineClient:
         self._sub.connect(output_endpoint)
         self._streams: dict[str, asyncio.Queue[SequenceOutput]] = {}
         self._sequences = 0
-        self._sent_since_stats = 0  # sequences sent after the engine's latest stats
         self._replies: dict[MessageType, asyncio.Queue[Any]] = {
             MessageType.READY: asyncio.Queue(),
             MessageType.STATS_REPLY: asyncio.Queue(),
@@ -131,9 +130,10 @@ class EngineClient:
     @property
     def load(self) -> tuple[int, float]:
         """How busy the engine is, for every frontend it serves, lower first: its waiting and
-        running sequences (as of its latest stats, plus what this client sent since), then
-        the share of its KV pages in use."""
-        sequences = self.stats.num_waiting + self.stats.num_running + self._sent_since_stats
+        running sequences (its latest stats, which count other frontends' too, or this
+        client's own when more: the stats lag behind a burst), then its KV pages in use."""
+        reported = self.stats.num_waiting + self.stats.num_running
+        sequences = max(reported, self._sequences)
         total = self.stats.kv_pages_total
         return sequences, 1 - self.stats.kv_pages_free / total if total else 0.0
 
@@ -148,7 +148,6 @@ class EngineClient:
         stream: asyncio.Queue[SequenceOutput] = asyncio.Queue()
         self._streams[request_id] = stream
         self._sequences += params.n
-        self._sent_since_stats += params.n
         request = AddRequest(request_id, self.frontend_id, list(prompt_token_ids), params)
         open_choices = params.n
         try:
@@ -209,13 +208,13 @@ class EngineClient:
     def _dispatch(self, kind: MessageType, payload: bytes) -> None:
         if kind is MessageType.STEP:
             step = unpack(StepOutput, payload)
-            self.stats, self._sent_since_stats = step.stats, 0
+            self.stats = step.stats
             for output in step.outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
                     stream.put_nowait(output)
         elif kind is MessageType.HEARTBEAT:
-            self.stats, self._sent_since_stats = unpack(StatsSnapshot, payload), 0
+            self.stats = unpack(StatsSnapshot, payload)
             self._revive()
         elif kind is MessageType.READY:
             self._replies[kind].put_nowait(unpack(EngineInfo, payload))

@@ -22,11 +22,13 @@ import threading
 import time
 from pathlib import Path
 
+import mlc_engine
 from mlc_engine.common.curve import authorize, check_curve, new_server_folder
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 PROBE_SECONDS = 0.2
+LOAD_FAILURE_PAUSE_SECONDS = 5.0
 
 
 class EngineActor:
@@ -42,10 +44,12 @@ class EngineActor:
         self.node = f"{ray.get_runtime_context().get_node_id()[:12]}@{self.host}"
         ports = _free_ports(self.host, 2)
         self.endpoints = [f"tcp://{_bracket(self.host)}:{port}" for port in ports]
-        self.command = [sys.executable, "-m", "mlc_engine", "engine", *engine_args]
+        # -P: the working directory Ray gives the actor is no place to import mlc_engine from.
+        self.command = [sys.executable, "-P", "-m", "mlc_engine", "engine", *engine_args]
         self.command += ["--input", self.endpoints[0], "--output", self.endpoints[1]]
         self.command += ["--curve-dir", str(self.folder)]
         self.process: subprocess.Popen[bytes] | None = None
+        self.loaded = False
         self.exited = threading.Event()
         started = threading.Event()
         # The thread that starts the engine waits for it: the engine's parent-death signal
@@ -54,12 +58,18 @@ class EngineActor:
         started.wait()
 
     def _run(self, started: threading.Event) -> None:
-        self.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
+        # The engine runs the code this actor runs, wherever Ray found it.
+        package_root = str(Path(mlc_engine.__file__).parent.parent)
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        environment = {**os.environ, "PYTHONPATH": path}
+        self.process = subprocess.Popen(self.command, env=environment, preexec_fn=_die_with_parent)
         started.set()
         code = self.process.wait()
         self.exited.set()
         shutil.rmtree(self.folder, ignore_errors=True)
         log.error("engine exited with code %s; the actor goes with it so Ray restarts both", code)
+        if not self.loaded:  # it fails as it loads: do not restart it in a tight loop
+            time.sleep(LOAD_FAILURE_PAUSE_SECONDS)
         os._exit(1)  # an actor that fails, not one that ends: Ray restarts it
 
     def authorize(self, client_public_key: str) -> None:
@@ -74,6 +84,7 @@ class EngineActor:
         while not self.exited.is_set():
             with contextlib.suppress(OSError):
                 socket.create_connection((host.strip("[]"), int(port)), PROBE_SECONDS).close()
+                self.loaded = True
                 return {
                     "input": self.endpoints[0],
                     "output": self.endpoints[1],

@@ -113,7 +113,7 @@ class RayEngines:
             except _Stopped:
                 return
             except RayError as error:
-                reason = _first_line(error)
+                reason = _reason(error)
                 if self.places[index].state != STARTING:
                     self._update(index, state=RESTARTING, message=reason)
                 log.warning("engine %d: %s", index, reason)
@@ -140,6 +140,13 @@ class _Stopped(Exception):
     """This frontend is stopping: leave the engine to Ray."""
 
 
-def _first_line(error: Exception) -> str:
+def _reason(error: Exception) -> str:
+    """What a failed call to an engine's actor says of it, in a line."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    if isinstance(error, ActorUnavailableError):
+        return "waiting for Ray to start it again (its process or its node died)"
+    if isinstance(error, ActorDiedError):
+        return "its Ray actor died"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return lines[-1][:200] if lines else type(error).__name__
