@@ -77,7 +77,12 @@ class EngineClient:
         self._push.connect(input_endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         self._sub.setsockopt(zmq.SUBSCRIBE, BROADCAST)
-        self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        )
         self._sub.connect(output_endpoint)
         self._streams: dict[str, asyncio.Queue[SequenceOutput]] = {}
         self._sequences = 0
@@ -91,6 +96,7 @@ class EngineClient:
         self.dead: str | None = None  # why the engine counts as dead
         self._last_heard = time.monotonic()
         self._reviving = False
+        self._refused: str | None = None  # why the engine would not complete a handshake
 
     async def connect(self, timeout: float = 60.0) -> EngineInfo:
         """Handshake with the engine; EngineUnavailableError if it does not answer in time."""
@@ -116,11 +122,14 @@ class EngineClient:
                 self.info, self.dead = info, None
                 self._last_heard = time.monotonic()
                 return info
-        raise EngineUnavailableError(self.dead or f"no answer from the engine in {timeout:.0f} s")
+        silence = f"no answer from the engine in {timeout:.0f} s"
+        raise EngineUnavailableError(self.dead or self._refused or silence)
 
     def _send(self, kind: MessageType, message: Any) -> None:
-        # PUSH with no high-water mark queues rather than blocks, so sending never waits.
-        self._push.send_multipart([kind.value, pack(message)], flags=zmq.NOBLOCK)
+        # PUSH with no high-water mark queues rather than blocks, so sending never waits. A
+        # connection whose handshake failed takes nothing: the message is dropped (EAGAIN).
+        sent = self._push.send_multipart([kind.value, pack(message)], flags=zmq.NOBLOCK)
+        sent.add_done_callback(lambda future: future.cancelled() or future.exception())
 
     @property
     def num_sequences(self) -> int:
@@ -225,15 +234,21 @@ class EngineClient:
 
     async def _watch_connection(self) -> None:
         """A dropped connection after the engine was up means the process is gone; a new
-        connection after that is an engine restarted at the same endpoint: handshake again."""
+        connection after that is an engine restarted at the same endpoint: handshake again.
+        An engine with CURVE that refuses this client's key never gets as far."""
         connected = False
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
-                connected = True
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                connected, self._refused = True, None
                 self._revive()
             elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
+                connected = False
                 self._die("the engine process went away")
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refused = "the engine refused this frontend's CURVE key"
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._refused = "the engine speaks another security mechanism (CURVE or none)"
 
     def _revive(self) -> None:
         """Handshake again with an engine that was dead and shows signs of life."""
