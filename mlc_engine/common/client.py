@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import typing
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -129,7 +130,8 @@ class EngineClient:
         # PUSH with no high-water mark queues rather than blocks, so sending never waits. A
         # connection whose handshake failed takes nothing: the message is dropped (EAGAIN).
         sent = self._push.send_multipart([kind.value, pack(message)], flags=zmq.NOBLOCK)
-        sent.add_done_callback(lambda future: future.cancelled() or future.exception())
+        future = typing.cast("asyncio.Future[Any]", sent)
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     @property
     def num_sequences(self) -> int:
