@@ -43,8 +43,23 @@ class Cluster:
     def kill_node(self, name: str) -> None:
         """Kill every process of the node at once (its raylet, workers and engines), as a
         machine that loses power would."""
-        os.killpg(self.nodes[name].pid, signal.SIGKILL)
-        self.nodes[name].wait()
+        node = self.nodes[name]
+        for pid in [node.pid, *_descendants(node.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        node.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                children.append(int(entry.name))
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
 def _ray_start(temp_dir: str, *options: str) -> subprocess.Popen[bytes]:
@@ -79,6 +94,7 @@ def cluster() -> Iterator[Cluster]:
         nodes["worker"] = _ray_start(temp_dir, "--address", f"127.0.0.1:{port}")
         yield Cluster(f"127.0.0.1:{port}", nodes)
     finally:
+        leftovers = [pid for node in nodes.values() for pid in _descendants(node.pid)]
         for node in nodes.values():
             if node.poll() is None:
                 node.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
@@ -86,8 +102,11 @@ def cluster() -> Iterator[Cluster]:
             try:
                 node.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+                node.kill()
                 node.wait()
+        for pid in leftovers:  # none, unless Ray left one behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", temp_dir], check=False)
 
 
