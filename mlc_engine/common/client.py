@@ -115,6 +115,8 @@ class EngineClient:
             replies.get_nowait()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self._refused:  # a refused key stays refused: no use waiting
+                raise EngineUnavailableError(self._refused)
             self._send(MessageType.HELLO, Hello(self.frontend_id))
             with contextlib.suppress(TimeoutError):
                 info: EngineInfo = await asyncio.wait_for(replies.get(), 0.2)

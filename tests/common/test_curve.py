@@ -62,7 +62,7 @@ def test_a_frontend_the_engine_knows_is_served_over_curve(
     assert len(_generate(client, timeout=120)) == 4
 
 
-def test_an_unknown_frontend_or_one_without_curve_gets_no_answer(
+def test_an_unknown_frontend_or_one_without_curve_is_refused(
     secured_engine: tuple[list[str], Path, str],
 ) -> None:
     endpoints, folder, server_key = secured_engine
@@ -75,9 +75,9 @@ def test_an_unknown_frontend_or_one_without_curve_gets_no_answer(
         *endpoints, keys=ClientKeys(stranger_public, stranger_secret, server_key)
     )
     with pytest.raises(EngineUnavailableError, match="refused this frontend's CURVE key"):
-        _generate(stranger, timeout=2)
+        _generate(stranger, timeout=60)
     with pytest.raises(EngineUnavailableError, match="another security mechanism"):
-        _generate(EngineClient(*endpoints), timeout=2)
+        _generate(EngineClient(*endpoints), timeout=60)
 
 
 def test_authorize_refuses_what_is_not_a_public_key(tmp_path: Path) -> None:
