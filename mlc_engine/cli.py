@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +17,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from mlc_engine.bench.command import bench_command
 from mlc_engine.common.device import Device, parse_device
 from mlc_engine.common.errors import MLCEngineError
+
+if TYPE_CHECKING:
+    from mlc_engine.frontend.ray_cluster import Placement
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True, soft_wrap=True)
@@ -306,6 +310,14 @@ def engine_command(
         ),
     ] = 30.0,
     prefix_cache: PrefixCacheOption = True,
+    curve_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--curve-dir",
+            help="Encrypt with ZeroMQ CURVE and let in only the frontends whose public keys "
+            "are in DIR/clients (DIR/server holds the engine's secret key).",
+        ),
+    ] = None,
 ) -> None:
     """Run one engine process: continuous batching on one device, served over ZeroMQ."""
     import logging
@@ -325,10 +337,25 @@ def engine_command(
     )
     try:
         run_engine(
-            model, _device(device), input_endpoint, output_endpoint, config, lib_path, num_threads
+            model,
+            _device(device),
+            input_endpoint,
+            output_endpoint,
+            config,
+            lib_path,
+            num_threads,
+            curve_dir,
         )
     except (MLCEngineError, ValueError, OSError) as error:
         raise _fail(error) from None
+
+
+@dataclasses.dataclass
+class RayOptions:
+    """`serve --ray`: the cluster's address and where the engines go."""
+
+    address: str
+    placement: Placement
 
 
 def serve(
@@ -344,18 +371,24 @@ def serve(
     allowed_origins: list[str] | None = None,
     engine_options: list[str] | None = None,
     tool_call_parser: str | None = None,
+    ray: RayOptions | None = None,
 ) -> None:
     """Prepare the model (convert and compile once, in a child process), then start one engine
-    per device and the HTTP frontend; returns when the server is stopped."""
+    per device (or place them on a Ray cluster) and the HTTP frontend; returns when the server
+    is stopped."""
     from mlc_engine.frontend.settings import API_STYLES, ServeSettings
     from mlc_engine.frontend.supervisor import serve as run_server
+    from mlc_engine.frontend.supervisor import serve_on_ray
     from mlc_engine.frontend.tool_parser import PARSERS
 
     if api_style not in API_STYLES:
         raise MLCEngineError(f"--api-style must be one of {', '.join(API_STYLES)}")
     if tool_call_parser is not None and tool_call_parser not in PARSERS:
         raise MLCEngineError(f"--tool-call-parser must be one of {', '.join(PARSERS)}")
-    folder, chosen, libraries = _prepare_in_child(model, devices, lib_path)
+    if ray is not None and "," in devices:
+        raise MLCEngineError("--device names one device for every engine with --ray")
+    # With --ray the engines prepare the model on their own nodes; this one needs its folder.
+    folder, chosen, libraries = _prepare_in_child(model, devices, lib_path, ray is None)
     engine_args = [
         ["--model", str(folder), "--device", device, "--lib-path", str(library)]
         + list(engine_options or [])
@@ -372,6 +405,21 @@ def serve(
         tool_call_parser=tool_call_parser,
         url=f"http://{host}:{port}",
     )
+    if ray is not None:
+        from mlc_engine.frontend.ray_cluster import RayEngines
+
+        args = ["--model", model] if model else []
+        args += ["--device", devices] + (["--lib-path", str(lib_path)] if lib_path else [])
+        args += list(engine_options or [])
+        if "--num-threads" not in args and ray.placement.cpus >= 1:
+            args += ["--num-threads", str(int(ray.placement.cpus))]
+        console.print(
+            f"placing {ray.placement.engines} engine(s) for {folder.name} on the Ray cluster "
+            f"at {ray.address}; listening on {settings.url}"
+        )
+        console.print(_sampling_line(folder))
+        serve_on_ray(settings, RayEngines(ray.address, ray.placement, args), host, port, workers)
+        return
     console.print(
         f"starting {len(chosen)} engine(s) for {folder.name}; listening on {settings.url}"
     )
@@ -380,7 +428,7 @@ def serve(
 
 
 def _prepare_in_child(
-    model: str | None, devices: str, lib_path: Path | None
+    model: str | None, devices: str, lib_path: Path | None, compile_library: bool = True
 ) -> tuple[Path, list[str], list[Path]]:
     """`mlc-engine prepare` in a child process: the model folder, each device's name and its
     library. TVM, which resolving devices and compiling load, stays out of this process, which
@@ -388,6 +436,7 @@ def _prepare_in_child(
     command = [sys.executable, "-m", "mlc_engine", "prepare", "--device", devices]
     command += ["--model", model] if model else []
     command += ["--lib-path", str(lib_path)] if lib_path else []
+    command += [] if compile_library else ["--no-library"]
     # The child's progress bars and messages go to the shared stderr; its answer to stdout.
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     try:
@@ -404,11 +453,20 @@ def prepare_command(
     model: ModelOption = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     lib_path: LibOption = None,
+    library: Annotated[bool, typer.Option("--library/--no-library")] = True,
 ) -> None:
     """For `serve`: resolve the devices, convert and compile as needed, and print the model
-    folder, device names and libraries as JSON (or the error)."""
+    folder, device names and libraries as JSON (or the error). --no-library: the model folder
+    alone (engines elsewhere compile for their own devices)."""
+    from mlc_engine.engine.models import prepare_model
+
     answer: dict[str, Any]
     try:
+        if not library:
+            folder = prepare_model(model, parse_device(device.split(",")[0]))
+            answer = {"folder": str(folder), "devices": [], "libraries": []}
+            sys.stdout.write(json.dumps(answer) + "\n")
+            return
         chosen = [_device(text.strip()) for text in device.split(",") if text.strip()]
         if not chosen:
             raise MLCEngineError("--device names no device")
@@ -476,6 +534,52 @@ def serve_command(
             help="hermes or llama3_json (default: the one the chat template's model writes).",
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Place the engines on this Ray cluster (auto, or the head's HOST:PORT) and "
+            "reach them over tcp:// with CURVE. Needs mlc-engine[ray].",
+            rich_help_panel="Ray cluster",
+        ),
+    ] = None,
+    engines: Annotated[
+        int,
+        typer.Option(
+            "--engines", min=1, help="Engines to place with --ray.", rich_help_panel="Ray cluster"
+        ),
+    ] = 1,
+    engine_cpus: Annotated[
+        float,
+        typer.Option(
+            "--engine-cpus",
+            min=0.0,
+            help="CPUs each engine takes (also its threads, unless --num-threads).",
+            rich_help_panel="Ray cluster",
+        ),
+    ] = 1.0,
+    engine_gpus: Annotated[
+        float,
+        typer.Option(
+            "--engine-gpus", min=0.0, help="GPUs each engine takes.", rich_help_panel="Ray cluster"
+        ),
+    ] = 0.0,
+    engine_resources: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engine-resource",
+            help="NAME=AMOUNT of a custom Ray resource each engine takes (repeatable).",
+            rich_help_panel="Ray cluster",
+        ),
+    ] = None,
+    ray_namespace: Annotated[
+        str,
+        typer.Option(
+            "--ray-namespace",
+            help="Ray namespace of the engines; frontends in the same one share them.",
+            rich_help_panel="Ray cluster",
+        ),
+    ] = "mlc-engine",
 ) -> None:
     """Serve the model over HTTP: the OpenAI API and MLC-Chat's REST API."""
     options = ["--max-num-seqs", str(max_num_seqs), "--max-total-tokens", str(max_total_tokens)]
@@ -485,12 +589,46 @@ def serve_command(
         options += ["--num-threads", str(num_threads)]
     options.append("--prefix-cache" if prefix_cache else "--no-prefix-cache")
     try:
+        ray = None
+        if ray_address is not None:
+            ray = _ray_options(
+                ray_address, engines, engine_cpus, engine_gpus, engine_resources, ray_namespace
+            )
         serve(
             model, lib_path, device, host, port, api_style, api_key, max_queue, workers,
-            allowed_origins, options, tool_call_parser,
+            allowed_origins, options, tool_call_parser, ray,
         )  # fmt: skip
     except (MLCEngineError, ValueError, OSError) as error:
         raise _fail(error) from None
+
+
+def _ray_options(
+    address: str,
+    engines: int,
+    cpus: float,
+    gpus: float,
+    resources: list[str] | None,
+    namespace: str,
+) -> RayOptions:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise MLCEngineError("--ray needs Ray: pip install 'mlc-engine[ray]'") from None
+    from mlc_engine.common.curve import check_curve
+    from mlc_engine.frontend.ray_cluster import Placement
+
+    try:
+        check_curve()
+    except RuntimeError as error:
+        raise MLCEngineError(str(error)) from None
+    custom: dict[str, float] = {}
+    for text in resources or []:
+        name, _, amount = text.partition("=")
+        try:
+            custom[name.strip()] = float(amount)
+        except ValueError:
+            raise MLCEngineError(f"--engine-resource {text!r}: expected NAME=AMOUNT") from None
+    return RayOptions(address, Placement(engines, cpus, gpus, custom, namespace))
 
 
 def main() -> None:

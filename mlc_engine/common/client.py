@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import typing
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from mlc_engine.common.curve import ClientKeys
 from mlc_engine.common.protocol import (
     BROADCAST,
     Abort,
@@ -49,13 +51,15 @@ class EngineUnavailableError(RuntimeError):
 
 
 class EngineClient:
-    """Talks to the engine bound at `input_endpoint` (PULL) and `output_endpoint` (PUB)."""
+    """Talks to the engine bound at `input_endpoint` (PULL) and `output_endpoint` (PUB), over
+    CURVE with `keys` (an engine on another host)."""
 
     def __init__(
         self,
         input_endpoint: str,
         output_endpoint: str,
         heartbeat_timeout: float = 10.0,
+        keys: ClientKeys | None = None,
     ):
         self.frontend_id = uuid.uuid4().hex
         self._topic = self.frontend_id.encode()
@@ -66,12 +70,20 @@ class EngineClient:
         self._context.setsockopt(zmq.LINGER, 0)
         self._push = self._context.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.connect(input_endpoint)
         self._sub = self._context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.RCVHWM, 0)
+        if keys is not None:
+            keys.apply(self._push)
+            keys.apply(self._sub)
+        self._push.connect(input_endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, self._topic)
         self._sub.setsockopt(zmq.SUBSCRIBE, BROADCAST)
-        self._monitor = self._sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sub.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        )
         self._sub.connect(output_endpoint)
         self._streams: dict[str, asyncio.Queue[SequenceOutput]] = {}
         self._sequences = 0
@@ -85,6 +97,7 @@ class EngineClient:
         self.dead: str | None = None  # why the engine counts as dead
         self._last_heard = time.monotonic()
         self._reviving = False
+        self._refused: str | None = None  # why the engine would not complete a handshake
 
     async def connect(self, timeout: float = 60.0) -> EngineInfo:
         """Handshake with the engine; EngineUnavailableError if it does not answer in time."""
@@ -102,6 +115,8 @@ class EngineClient:
             replies.get_nowait()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self._refused:  # a refused key stays refused: no use waiting
+                raise EngineUnavailableError(self._refused)
             self._send(MessageType.HELLO, Hello(self.frontend_id))
             with contextlib.suppress(TimeoutError):
                 info: EngineInfo = await asyncio.wait_for(replies.get(), 0.2)
@@ -110,16 +125,30 @@ class EngineClient:
                 self.info, self.dead = info, None
                 self._last_heard = time.monotonic()
                 return info
-        raise EngineUnavailableError(self.dead or f"no answer from the engine in {timeout:.0f} s")
+        silence = f"no answer from the engine in {timeout:.0f} s"
+        raise EngineUnavailableError(self.dead or self._refused or silence)
 
     def _send(self, kind: MessageType, message: Any) -> None:
-        # PUSH with no high-water mark queues rather than blocks, so sending never waits.
-        self._push.send_multipart([kind.value, pack(message)], flags=zmq.NOBLOCK)
+        # PUSH with no high-water mark queues rather than blocks, so sending never waits. A
+        # connection whose handshake failed takes nothing: the message is dropped (EAGAIN).
+        sent = self._push.send_multipart([kind.value, pack(message)], flags=zmq.NOBLOCK)
+        future = typing.cast("asyncio.Future[Any]", sent)
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     @property
     def num_sequences(self) -> int:
         """Choices of this client's open requests (n of each)."""
         return self._sequences
+
+    @property
+    def load(self) -> tuple[int, float]:
+        """How busy the engine is, for every frontend it serves, lower first: its waiting and
+        running sequences (its latest stats, which count other frontends' too, or this
+        client's own when more: the stats lag behind a burst), then its KV pages in use."""
+        reported = self.stats.num_waiting + self.stats.num_running
+        sequences = max(reported, self._sequences)
+        total = self.stats.kv_pages_total
+        return sequences, 1 - self.stats.kv_pages_free / total if total else 0.0
 
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
@@ -169,7 +198,9 @@ class EngineClient:
     def shutdown_engine(self, drain: bool = True) -> None:
         self._send(MessageType.SHUTDOWN, Shutdown(drain))
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "the engine client was closed") -> None:
+        """Stop talking to the engine; requests still open end with `reason` as their error."""
+        self._die(reason)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -207,15 +238,21 @@ class EngineClient:
 
     async def _watch_connection(self) -> None:
         """A dropped connection after the engine was up means the process is gone; a new
-        connection after that is an engine restarted at the same endpoint: handshake again."""
+        connection after that is an engine restarted at the same endpoint: handshake again.
+        An engine with CURVE that refuses this client's key never gets as far."""
         connected = False
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
-                connected = True
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                connected, self._refused = True, None
                 self._revive()
             elif event["event"] == zmq.EVENT_DISCONNECTED and connected:
+                connected = False
                 self._die("the engine process went away")
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refused = "the engine refused this frontend's CURVE key"
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._refused = "the engine speaks another security mechanism (CURVE or none)"
 
     def _revive(self) -> None:
         """Handshake again with an engine that was dead and shows signs of life."""

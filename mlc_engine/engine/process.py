@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from mlc_engine.common.curve import secure_server_socket, serve_securely
 from mlc_engine.common.device import Device, tvm_device
 from mlc_engine.common.protocol import (
     BROADCAST,
@@ -77,13 +78,22 @@ def decode_request(frames: list[bytes]) -> tuple[MessageType, Any]:
 
 
 class EngineServer:
-    """Serves one `Engine` on an input (PULL) and an output (PUB) endpoint, both bound here."""
+    """Serves one `Engine` on an input (PULL) and an output (PUB) endpoint, both bound here;
+    with `curve_dir`, encrypted and only to the frontends whose keys it holds (common/curve)."""
 
-    def __init__(self, engine: Engine, input_endpoint: str, output_endpoint: str):
+    def __init__(
+        self,
+        engine: Engine,
+        input_endpoint: str,
+        output_endpoint: str,
+        curve_dir: Path | None = None,
+    ):
         self.engine = engine
         self.frontend_seen: dict[str, float] = {}
         self._next_expiry_check = 0.0
         self.context = zmq.Context()
+        self._curve_dir = curve_dir
+        self._authenticator = serve_securely(self.context, curve_dir) if curve_dir else None
         self.inbox: queue.Queue[tuple[MessageType, Any]] = queue.Queue()
         self.outbox: queue.Queue[Outgoing | None] = queue.Queue()
         self.stopping = threading.Event()  # no new requests; exit once the running ones end
@@ -103,6 +113,8 @@ class EngineServer:
         sock.setsockopt(zmq.SNDHWM, 0)  # 0: no limit, so no output or request is dropped
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 2000)
+        if self._curve_dir is not None:
+            secure_server_socket(sock, self._curve_dir)
         sock.bind(endpoint)
         return sock
 
@@ -123,6 +135,8 @@ class EngineServer:
             self.outbox.put(None)
             for thread in self._threads:
                 thread.join(timeout=5)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self.context.term()
             for endpoint in self._endpoints:
                 if endpoint.startswith("ipc://"):  # ZeroMQ leaves the socket file behind
@@ -276,6 +290,7 @@ def run_engine(
     config: EngineConfig,
     lib_path: Path | None = None,
     num_threads: int | None = None,
+    curve_dir: Path | None = None,
 ) -> None:
     """Load (converting and compiling as needed) and serve until told to stop. The sockets
     are bound only once the model is loaded, so READY means ready."""
@@ -283,4 +298,5 @@ def run_engine(
     library = prepare_library(folder, device, lib_path)
     runtime = ModelRuntime(library, folder, tvm_device(device), num_threads)
     log.info("serving %s (%s) on %s", folder.name, library.name, device)
-    EngineServer(Engine(runtime, config, folder.name), input_endpoint, output_endpoint).serve()
+    engine = Engine(runtime, config, folder.name)
+    EngineServer(engine, input_endpoint, output_endpoint, curve_dir).serve()

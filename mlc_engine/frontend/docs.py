@@ -84,7 +84,7 @@ def endpoints(api_style: str) -> list[Endpoint]:
         Endpoint("get", "/stats", "Prefill and decode speed", None, stats),
         Endpoint("get", "/verbose_stats",
                  "Prefill and decode speed, total tokens and total time", None, verbose),
-        Endpoint("get", "/health", "200 when ready; 503 while loading or when an engine is dead",
+        Endpoint("get", "/health", "200 while an engine serves; 503 while loading or when none can",
                  None, out.Health, ("503",)),
         Endpoint("get", "/metrics", "Prometheus metrics", None, TEXT, (),
                  media_type="text/plain"),

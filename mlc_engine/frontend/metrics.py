@@ -4,6 +4,7 @@ each engine's queues and KV cache (read from the engine's latest stats when scra
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -15,12 +16,26 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class EngineGauges(Collector):
-    """Per-engine gauges, taken from `snapshots()` at scrape time."""
+    """Per-engine gauges, taken from `snapshots()` and `states()` at scrape time."""
 
-    def __init__(self, snapshots: Callable[[], list[StatsSnapshot]]):
+    def __init__(
+        self,
+        snapshots: Callable[[], list[StatsSnapshot]],
+        states: Callable[[], list[dict[str, Any]]],
+    ):
         self.snapshots = snapshots
+        self.states = states
 
     def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "mlc_engine_engine_up",
+            "1 while the engine serves, else 0; its node and state as labels",
+            labels=["engine", "node", "state"],
+        )
+        for state in self.states():
+            labels = [str(state["engine"]), state["node"], state["state"]]
+            up.add_metric(labels, 1 if state["state"] == "running" else 0)
+        yield up
         fields = {
             "num_waiting": "Requests waiting in the engine",
             "num_running": "Sequences running in the engine",
@@ -41,7 +56,11 @@ class EngineGauges(Collector):
 class Metrics:
     """What the request handlers record."""
 
-    def __init__(self, snapshots: Callable[[], list[StatsSnapshot]]):
+    def __init__(
+        self,
+        snapshots: Callable[[], list[StatsSnapshot]],
+        states: Callable[[], list[dict[str, Any]]],
+    ):
         self.registry = CollectorRegistry()
         self._prompt_tokens = Counter(
             "mlc_engine_prompt_tokens", "Prompt tokens received", registry=self.registry
@@ -67,7 +86,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(EngineGauges(snapshots))
+        self.registry.register(EngineGauges(snapshots, states))
 
     def prompt(self, tokens: int) -> None:
         self._prompt_tokens.inc(tokens)

@@ -211,8 +211,19 @@ class VerboseStats(Stats):
     engines: list[StatsSnapshot]
 
 
+class EngineState(Reply):
+    engine: int
+    node: str = Field(description="Where it runs: 'local', or the Ray node's id and address.")
+    state: str = Field(
+        description="running, starting, restarting, connecting, unreachable, or dead "
+        "(local engines: running, starting or dead)."
+    )
+    message: str | None = Field(None, description="Why it is not running.")
+
+
 class Health(Reply):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(description="degraded: some engines do not serve.")
+    engines: list[EngineState]
 
 
 class Tokens(Reply):

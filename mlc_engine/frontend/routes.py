@@ -98,6 +98,8 @@ class Models:
 
 
 class Health:
+    """200 while at least one engine serves ("degraded" when some do not); 503 when none can."""
+
     def __init__(self, service: Service):
         self.service = service
 
@@ -105,7 +107,9 @@ class Health:
         problem = self.service.engines.health()
         if problem:
             raise UnavailableError(problem)
-        resp.media = {"status": "ok"}
+        engines = self.service.engines.states()
+        whole = all(engine["state"] == "running" for engine in engines)
+        resp.media = {"status": "ok" if whole else "degraded", "engines": engines}
 
 
 class PrometheusMetrics:

@@ -48,8 +48,13 @@ class Service:
         self.template = ChatTemplate.from_config(self.config, self.tokenizer)
         self.template_takes_tools = template_takes_tools(self.template.source)
         self.tool_parser = settings.tool_call_parser or parser_for(self.template.source)
-        self.engines = EnginePool(settings.engines, settings.max_queue)
-        self.metrics = Metrics(self.engines.snapshots)
+        self.engines = EnginePool(
+            settings.engines,
+            settings.max_queue,
+            Path(settings.engine_table) if settings.engine_table else None,
+            Path(settings.frontend_keys) if settings.frontend_keys else None,
+        )
+        self.metrics = Metrics(self.engines.snapshots, self.engines.states)
         self.model_name = settings.model_name
 
     async def read(self, req: falcon.asgi.Request, model: type[Body]) -> Body:

@@ -22,6 +22,10 @@ class ServeSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     tool_call_parser: str | None = None  # None: the one the chat template's model writes
     url: str = ""
+    # Engines placed elsewhere (Ray): the table saying where they are, and this frontend's
+    # CURVE key pair (both files in the server's private run directory).
+    engine_table: str | None = None
+    frontend_keys: str | None = None
 
     def to_env(self) -> None:
         os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))

@@ -1,9 +1,9 @@
-"""`mlc-engine serve`'s process tree: one engine process per device, and uvicorn running the
-frontend (in one or more workers), which answers 503 until the engines have loaded. An engine
-that dies while loading stops the server with its error; one that dies while serving is
-started again at the same endpoints, and the frontends' clients handshake with it anew. On
-Ctrl-C or SIGTERM uvicorn stops, then the engines, and the run directory with their ipc
-sockets goes.
+"""`mlc-engine serve`'s process tree: one engine process per device (or engines placed on a Ray
+cluster: `serve_on_ray`), and uvicorn running the frontend (in one or more workers), which
+answers 503 until the engines have loaded. An engine that dies while loading stops the server
+with its error; one that dies while serving is started again at the same endpoints, and the
+frontends' clients handshake with it anew. On Ctrl-C or SIGTERM uvicorn stops, then the
+engines, and the run directory with their ipc sockets goes.
 
 Engines run in their own session, so Ctrl-C reaches only this process, which stops them in
 order; they also get SIGTERM if this process dies without stopping them (Linux).
@@ -28,6 +28,8 @@ from pathlib import Path
 import uvicorn
 
 from mlc_engine.common.errors import MLCEngineError
+from mlc_engine.frontend.engine_table import new_frontend_keys
+from mlc_engine.frontend.ray_cluster import RayEngines
 from mlc_engine.frontend.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -164,17 +166,8 @@ def serve(
         for index, args in enumerate(engine_args):
             engines.append(EngineProcess(args, run_dir, index))
         settings.engines = [engine.endpoints for engine in engines]
-        settings.to_env()
         watchdog.start()
-        uvicorn.run(
-            "mlc_engine.frontend.app:create_app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level="warning",
-            timeout_graceful_shutdown=5,
-        )
+        _run_frontend(settings, host, port, workers)
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
@@ -189,6 +182,39 @@ def serve(
         signal.signal(signal.SIGTERM, previous)
     if watchdog.failure:
         raise MLCEngineError(watchdog.failure)
+
+
+def serve_on_ray(
+    settings: ServeSettings, cluster: RayEngines, host: str, port: int, workers: int = 1
+) -> None:
+    """Place the engines on a Ray cluster (or find those placed) and serve until interrupted."""
+    _check_port_free(host, port)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    run_dir = Path(tempfile.mkdtemp(prefix="mlc-engine-"))  # mode 0700: the key lives here
+    try:
+        table, keys = run_dir / "engines.json", run_dir / "frontend.keys"
+        settings.engine_table, settings.frontend_keys = str(table), str(keys)
+        cluster.start(table, new_frontend_keys(keys))
+        _run_frontend(settings, host, port, workers)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        cluster.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_frontend(settings: ServeSettings, host: str, port: int, workers: int) -> None:
+    settings.to_env()
+    uvicorn.run(
+        "mlc_engine.frontend.app:create_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -182,7 +182,10 @@ def test_a_client_that_gives_up_on_a_whole_reply_frees_kv_pages(tiny_server_url:
 def test_models_health_tokenize_detokenize_and_metrics(tiny_server_url: str) -> None:
     models = httpx.get(f"{tiny_server_url}/v1/models").json()
     assert models["data"][0]["id"] == "tiny-chat-q0f32"
-    assert httpx.get(f"{tiny_server_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{tiny_server_url}/health").json() == {
+        "status": "ok",
+        "engines": [{"engine": 0, "node": "local", "state": "running"}],
+    }
     tokens = httpx.post(f"{tiny_server_url}/tokenize", json={"prompt": "Hello world"}).json()
     text = httpx.post(f"{tiny_server_url}/detokenize", json={"tokens": tokens["tokens"]}).json()
     assert text["prompt"] == "Hello world"
@@ -197,6 +200,7 @@ def test_models_health_tokenize_detokenize_and_metrics(tiny_server_url: str) -> 
         'mlc_engine_num_waiting{engine="0"}',
         'mlc_engine_kv_pages_cached{engine="0"}',
         'mlc_engine_prefix_cache_hit_tokens{engine="0"}',
+        'mlc_engine_engine_up{engine="0",node="local",state="running"} 1.0',
     ):
         assert name in metrics
 
