@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from mlc_engine.bench.command import bench_command
+from mlc_engine.common.config import DEFAULT_MAX_STEP_MS
 from mlc_engine.common.device import Device, parse_device
 from mlc_engine.common.errors import MLCEngineError
 
@@ -300,7 +301,7 @@ def engine_command(
             "--max-queue", min=0, help="Sequences waiting beyond --max-num-seqs before refusals."
         ),
     ] = 256,
-    max_step_ms: StepMsOption = 0.0,
+    max_step_ms: StepMsOption = DEFAULT_MAX_STEP_MS,
     frontend_lease: Annotated[
         float,
         typer.Option(
@@ -525,7 +526,7 @@ def serve_command(
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1)] = 32,
     max_total_tokens: Annotated[int, typer.Option("--max-total-tokens", min=0)] = 0,
     max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=16)] = 512,
-    max_step_ms: StepMsOption = 0.0,
+    max_step_ms: StepMsOption = DEFAULT_MAX_STEP_MS,
     prefix_cache: PrefixCacheOption = True,
     tool_call_parser: Annotated[
         str | None,

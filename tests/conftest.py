@@ -302,6 +302,13 @@ def running_server(
             process.wait()
 
 
+# Engine options under which a greedy request of the real 4-bit model, sent again, is computed
+# in the same chunks and so gets the same answer: no prefix cache (the repeat would prefill only
+# what the first did not) and no step-time budget (its chunks follow the host's timing). Other
+# splits move the logits by the int8 activations' rounding, which can flip a near-tie.
+REPEATABLE = ("--no-prefix-cache", "--max-step-ms", "0")
+
+
 def serve_command(folder: Path, *options: str) -> list[str]:
     return [
         sys.executable,

@@ -15,6 +15,10 @@ from typing import Any
 from mlc_engine.common.protocol import SamplingParams
 
 CONFIG_FILE = "mlc-chat-config.json"
+# A step that carries running decodes aims to take at most this long, so that streams see no
+# longer gap between tokens while long prompts are prefilled beside them (benchmarks/README.md:
+# measured on a 2-core CPU; on a GPU steps are far shorter and it seldom binds).
+DEFAULT_MAX_STEP_MS = 125.0
 # The request fields a model folder may recommend defaults for, in its `sampling`, and their
 # types. A field it leaves out takes the engine's neutral value (SamplingParams' default).
 SAMPLING_FIELDS: dict[str, type] = {

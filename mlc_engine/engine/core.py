@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlc_engine.common.config import DEFAULT_MAX_STEP_MS
 from mlc_engine.common.protocol import (
     PROTOCOL_VERSION,
     AddRequest,
@@ -39,9 +40,8 @@ class EngineConfig:
     max_total_tokens: int = 0  # KV cache size in tokens; 0: room for max_num_seqs full contexts
     max_batch_tokens: int = 512  # tokens per step: prefill chunks plus one per running decode
     # A step that carries running decodes aims to take at most this long (0: no limit); the
-    # prefill beside them is sized to fit. Off by default until its default is measured
-    # (issue 21): the chunk sizes it picks follow the host's timing.
-    max_step_ms: float = 0.0
+    # prefill beside them is sized to fit, so the chunks follow the host's timing.
+    max_step_ms: float = DEFAULT_MAX_STEP_MS
     # Sequences (choices) waiting beyond max_num_seqs; a request that would pass this bound is
     # refused with QUEUE_FULL, so the queue stays bounded however many frontends send.
     max_queue: int = 256

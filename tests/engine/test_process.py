@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import EngineProcess, LoadedModel, engine_process
+from conftest import REPEATABLE, EngineProcess, LoadedModel, engine_process
 
 from mlc_engine.common.client import EngineClient, EngineUnavailableError
 from mlc_engine.common.protocol import (
@@ -77,10 +77,7 @@ def test_concurrent_greedy_requests_match_each_alone(engine: EngineProcess) -> N
 def test_smollm2_concurrent_greedy_requests_match_each_alone(
     smollm2: LoadedModel, tmp_path: Path
 ) -> None:
-    # Without the prefix cache: the "together" round would prefill only what "alone" did not,
-    # and the q4 kernels' logits depend on how a prompt is split into chunks (as with
-    # --max-batch-tokens), which can flip a near-tie.
-    with engine_process(smollm2.folder, tmp_path, "--no-prefix-cache") as started:
+    with engine_process(smollm2.folder, tmp_path, *REPEATABLE) as started:
         asyncio.run(alone_and_together(started, 8, 16))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import running_server, serve_command
+from conftest import REPEATABLE, running_server, serve_command
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,8 +66,9 @@ def page(browser: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def smollm2_url(smollm2_folder: Path) -> Iterator[str]:
-    """The default model, for answers slow enough to stop and worth a screenshot."""
-    with running_server(serve_command(smollm2_folder)) as url:
+    """The default model, for answers slow enough to stop and worth a screenshot; repeatable,
+    since a test asks again for the answer the page showed."""
+    with running_server(serve_command(smollm2_folder, *REPEATABLE)) as url:
         yield url
 
 

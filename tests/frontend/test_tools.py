@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from conftest import running_server, serve_command
+from conftest import REPEATABLE, running_server, serve_command
 
 from mlc_engine.frontend.schemas import ChatMessage, Tool
 from mlc_engine.frontend.text import ChatTemplate
@@ -192,7 +192,8 @@ def test_bad_tools_are_a_400_naming_the_field(
 
 @pytest.fixture(scope="module")
 def client(smollm2_folder: Path) -> Iterator[openai.OpenAI]:
-    with running_server(serve_command(smollm2_folder)) as url:
+    # Repeatable: a test compares a streamed call with the same call whole.
+    with running_server(serve_command(smollm2_folder, *REPEATABLE)) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
