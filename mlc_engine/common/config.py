@@ -15,10 +15,11 @@ from typing import Any
 from mlc_engine.common.protocol import SamplingParams
 
 CONFIG_FILE = "mlc-chat-config.json"
-# A step that carries running decodes aims to take at most this long, so that streams see no
-# longer gap between tokens while long prompts are prefilled beside them (benchmarks/README.md:
-# measured on a 2-core CPU; on a GPU steps are far shorter and it seldom binds).
-DEFAULT_MAX_STEP_MS = 125.0
+# How long a step that carries running decodes aims to take (0: no limit). Off by default: on
+# the 2-core CPU, 125 ms cut the mixed workload's ITL p99 from 2.55 s to 0.22 s but cost 30% of
+# its throughput and doubled the long prompts' TTFT (benchmarks/README.md), short of issue 21's
+# bars (0.9x and 1.2x).
+DEFAULT_MAX_STEP_MS = 0.0
 # The request fields a model folder may recommend defaults for, in its `sampling`, and their
 # types. A field it leaves out takes the engine's neutral value (SamplingParams' default).
 SAMPLING_FIELDS: dict[str, type] = {
