@@ -233,7 +233,7 @@ def test_a_failure_inside_a_request_ends_it_at_once(tiny_chat_model: Path, tmp_p
         try:
             params = SamplingParams(max_tokens=4, seed=2**64)
             generation = Generation(
-                client, tokenizer, "r1", [[1, 2, 3]], params, [], Metrics(lambda: [])
+                client, tokenizer, "r1", [[1, 2, 3]], params, [], Metrics(lambda: [], lambda: [])
             )
             with pytest.raises(EngineFailureError, match="OverflowError"):
                 async with asyncio.timeout(10):
