@@ -30,6 +30,7 @@ _CODEGEN_SOURCES = (
     "int8_gemm.py",
     "quantization.py",
     "model/*.py",
+    "tvm_compat.py",
 )
 
 

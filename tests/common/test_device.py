@@ -63,6 +63,15 @@ def test_auto_picks_a_gpu_when_there_is_one_else_cpu() -> None:
         assert resolved == Device("cpu", 0)
 
 
+def test_auto_passes_over_a_vulkan_device_that_is_the_cpu() -> None:
+    if not _has_gpu("vulkan") or _has_gpu("cuda"):
+        pytest.skip("needs a Vulkan device and no CUDA GPU")
+    query = tvm.get_global_func("device_api.vulkan.get_target_property")
+    if str(query(tvm.runtime.device("vulkan", 0), "device_type")) != "cpu":
+        pytest.skip("this machine's Vulkan device is a GPU")
+    assert resolve_device(parse_device("auto")) == Device("cpu", 0)
+
+
 @pytest.mark.parametrize(
     ("kind", "support"),
     [("vulkan", "Vulkan"), ("metal", "Metal"), ("rocm", "ROCm"), ("opencl", "OpenCL")],
