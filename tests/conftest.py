@@ -22,6 +22,7 @@ from typing import IO
 import httpx
 import numpy as np
 import pytest
+import tvm
 from safetensors.numpy import save_file
 
 from mlc_engine.common.client import EngineClient
@@ -52,6 +53,11 @@ def _unavailable(device: Device) -> str | None:
 # scripts/build-tvm.sh --vulkan builds a TVM with it; Mesa's lavapipe is a Vulkan device.
 VULKAN_MISSING = _unavailable(VULKAN)
 requires_vulkan = pytest.mark.skipif(VULKAN_MISSING is not None, reason=str(VULKAN_MISSING))
+# The PyPI wheel generates CUDA code without a GPU; a TVM built from source may not.
+requires_cuda_codegen = pytest.mark.skipif(
+    tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
+    reason="this TVM build has no CUDA code generator (built with USE_CUDA=OFF)",
+)
 
 # Strings that trip tokenizers up: scripts, emoji sequences, whitespace runs, code, special tokens.
 TRICKY_STRINGS = [

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import CPU, SMOLLM2_GGUF, LoadedModel, greedy_reply
+from conftest import CPU, SMOLLM2_GGUF, LoadedModel, greedy_reply, requires_cuda_codegen
 
 from mlc_engine.common.model_paths import cache_dir
 from mlc_engine.engine.models import content_digest, prepare_model
@@ -85,6 +85,7 @@ def test_convert_rejects_an_unknown_quantization(tiny_model: Callable, tmp_path:
     assert "unknown quantization 'q3f7'" in result.stderr
 
 
+@requires_cuda_codegen
 def test_compile_cross_compiles_for_cuda_without_a_gpu(
     tiny_model: Callable, tmp_path: Path
 ) -> None:

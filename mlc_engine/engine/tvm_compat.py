@@ -2,17 +2,18 @@
 
 The pinned PyPI wheel (apache-tvm 0.27.0.post1) and a TVM built from apache/tvm's source for
 Vulkan (`scripts/build-tvm.sh`; its newest reachable commit reports 0.27.devN and predates the
-wheel) spell a few things differently: the wheel has `tvm.sym.Analyzer` and
-`tvm.s_tir.SBlock`/`SBlockRealize` where the source has `tvm.arith.Analyzer` and
-`tvm.tirx.SBlock`/`SBlockRealize`.
+wheel) spell a few things differently: the wheel has `tvm.sym.Analyzer`,
+`tvm.s_tir.SBlock`/`SBlockRealize` and `tvm.ir.StringImm` where the source has
+`tvm.arith.Analyzer`, `tvm.tirx.SBlock`/`SBlockRealize` and `tvm.relax.StringImm`.
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
 
 Analyzer = tvm.sym.Analyzer if hasattr(tvm, "sym") else tvm.arith.Analyzer
 
 SBlock = getattr(s_tir, "SBlock", None) or tirx.SBlock
 SBlockRealize = getattr(s_tir, "SBlockRealize", None) or tirx.SBlockRealize
+StringImm = getattr(tvm.ir, "StringImm", None) or relax.StringImm

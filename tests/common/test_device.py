@@ -1,5 +1,6 @@
 import pytest
 import tvm
+from conftest import requires_cuda_codegen
 from tvm.target import codegen
 
 from mlc_engine.common.device import (
@@ -102,6 +103,7 @@ def test_cpu_target_is_this_host() -> None:
     assert int(target.attrs["num-cores"]) == 3
 
 
+@requires_cuda_codegen
 def test_cuda_target_builds_without_a_gpu() -> None:
     target = tvm_target(parse_device("cuda"))
     assert target.kind.name == "cuda"
