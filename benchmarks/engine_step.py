@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlc_engine.common.device import Device, parse_device, resolve_device
-from mlc_engine.engine.models import DEFAULT_MODEL, default_model_gguf
+from mlc_engine.engine.models import DEFAULT_MODEL, default_model_gguf, default_quantization
 from mlc_engine.engine.runtime import KVCache, ModelRuntime, use_threads
 
 TEXT = Path(__file__).parent / "data" / "pd_english.txt"
@@ -162,10 +162,13 @@ def measure(
     budget: float,
     threads: int,
     llama: LlamaCpp | None,
+    gguf: Path | None = None,
 ) -> Result:
-    """Our figures for `quantization`; with `llama`, llama.cpp's right after each group of
-    them (prefill, decode x1, batched decode), so that both see much the same machine."""
-    runtime, tokenizer, compile_seconds = load(f"{DEFAULT_MODEL}-{quantization}", device, threads)
+    """Our figures for `quantization` (or for the GGUF file `gguf`, converted as `--model`
+    converts it under that scheme); with `llama`, llama.cpp's right after each group of them
+    (prefill, decode x1, batched decode), so that both see much the same machine."""
+    model = str(gguf) if gguf else f"{DEFAULT_MODEL}-{quantization}"
+    runtime, tokenizer, compile_seconds = load(model, device, threads)
     text = tokenizer.encode(TEXT.read_text(encoding="utf-8"))
     capacity = max(max(PREFILL_LENGTHS), max(DECODE_BATCHES) * (DECODE_PROMPT + steps))
     kv_cache = runtime.create_kv_cache(max(DECODE_BATCHES), capacity, max(PREFILL_LENGTHS))
@@ -250,8 +253,18 @@ def main() -> None:
         metavar="DIR",
         help="also run llama-bench and llama-batched-bench from DIR and compare",
     )
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="measure this GGUF file instead (converted as --model converts it, each tensor in "
+        "its own type, under the device's default scheme); llama.cpp runs on it too",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write here")
     args = parser.parse_args()
+    if args.gguf and args.quantizations:
+        parser.error("--gguf takes the device's default scheme: leave out --quantizations")
     if args.decode_steps < 1:
         parser.error("--decode-steps must be at least 1")
     if args.num_threads is not None and args.num_threads < 1:
@@ -262,14 +275,17 @@ def main() -> None:
     quantizations = args.quantizations or (
         COMPARED_QUANTIZATIONS if args.llama_cpp_bin else QUANTIZATIONS
     )
+    if args.gguf:
+        quantizations = [default_quantization(device)]
+    gguf = args.gguf or default_model_gguf()
     # Decided once here, so that llama.cpp gets exactly the thread count our runtime gets.
     threads = use_threads(args.num_threads)
     try:
         llama = None
         if args.llama_cpp_bin:
-            llama = LlamaCpp(args.llama_cpp_bin, default_model_gguf(), threads)
+            llama = LlamaCpp(args.llama_cpp_bin, gguf, threads)
         results = [
-            measure(q, device, args.decode_steps, args.budget, threads, llama)
+            measure(q, device, args.decode_steps, args.budget, threads, llama, args.gguf)
             for q in quantizations
         ]
     except LlamaCppError as error:
@@ -278,12 +294,13 @@ def main() -> None:
     if args.json:
         report = {
             "model": DEFAULT_MODEL,
+            "gguf": str(gguf),
             "device": device.name,
             "decode_steps": args.decode_steps,
             "num_threads": threads,
         }
         if llama:
-            report["llama_cpp"] = {"bin": str(llama.folder), "gguf": str(llama.gguf)}
+            report["llama_cpp"] = {"bin": str(llama.tools.folder), "gguf": str(llama.tools.gguf)}
             report["llama_cpp"]["build"] = llama.build
         figures = [{**dataclasses.asdict(r), "ratio": _asdict(r.ratios())} for r in results]
         args.json.write_text(json.dumps({**report, "results": figures}, indent=2) + "\n")

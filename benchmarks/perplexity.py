@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlc_engine.common.device import Device, parse_device, resolve_device
-from mlc_engine.engine.models import DEFAULT_MODEL, default_model_gguf
+from mlc_engine.engine.models import DEFAULT_MODEL, default_model_gguf, default_quantization
 from mlc_engine.engine.runtime import KVCache, ModelRuntime, use_threads
 
 TEXT = Path(__file__).parent / "data" / "pd_english.txt"
@@ -203,8 +203,12 @@ def measure(
     protocol: str,
     ctx: int,
     max_tokens: int | None,
+    gguf: Path | None = None,
 ) -> Result:
-    runtime, tokenizer, _ = load(f"{DEFAULT_MODEL}-{quantization}", device, threads)
+    """The text's perplexity under the default model in `quantization`, or under the GGUF file
+    `gguf` converted as `--model` converts it (`quantization` is then its scheme)."""
+    model = str(gguf) if gguf else f"{DEFAULT_MODEL}-{quantization}"
+    runtime, tokenizer, _ = load(model, device, threads)
     text = TEXT.read_text(encoding="utf-8")
     if protocol == "llama":
         text = text.removesuffix("\n")  # as llama.cpp's `-f` reads a file
@@ -293,8 +297,18 @@ def main() -> None:
         metavar="DIR",
         help="also run DIR/llama-perplexity on the same text and GGUF and compare",
     )
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="measure this GGUF file instead (converted as --model converts it, each tensor in "
+        "its own type, under the device's default scheme); llama.cpp runs on it too",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write here")
     args = parser.parse_args()
+    if args.gguf and args.quantizations:
+        parser.error("--gguf takes the device's default scheme: leave out --quantizations")
     protocol = args.protocol or ("llama" if args.llama_cpp_bin else "whole")
     if args.llama_cpp_bin and protocol != "llama":
         parser.error("--llama-cpp-bin compares under llama-perplexity's protocol: --protocol llama")
@@ -309,6 +323,9 @@ def main() -> None:
     quantizations = args.quantizations or (
         COMPARED_QUANTIZATIONS if args.llama_cpp_bin else QUANTIZATIONS
     )
+    if args.gguf:
+        quantizations = [default_quantization(device)]
+    gguf = args.gguf or default_model_gguf()
     # Decided once here, so that llama.cpp gets exactly the thread count our runtime gets.
     threads = use_threads(args.num_threads)
 
@@ -317,11 +334,12 @@ def main() -> None:
         if args.llama_cpp_bin:
             # Its figure does not depend on our quantization: one run, first, so that a missing
             # or broken tool stops the script before ours take minutes.
-            runner = LlamaPerplexity(args.llama_cpp_bin, default_model_gguf(), threads)
+            runner = LlamaPerplexity(args.llama_cpp_bin, gguf, threads)
             chunks = args.max_tokens // args.ctx if args.max_tokens else None
             llama = runner.measure(TEXT, args.ctx, chunks)
         results = [
-            measure(q, device, threads, protocol, args.ctx, args.max_tokens) for q in quantizations
+            measure(q, device, threads, protocol, args.ctx, args.max_tokens, args.gguf)
+            for q in quantizations
         ]
         if llama:
             llama.text_tokens = runner.count_tokens(TEXT, results[0].text_tokens)
@@ -341,6 +359,7 @@ def main() -> None:
     if args.json:
         report = {
             "model": DEFAULT_MODEL,
+            "gguf": str(gguf),
             "text": TEXT.name,
             "device": device.name,
             "protocol": protocol,

@@ -70,7 +70,7 @@ PrefixCacheOption = Annotated[
     bool,
     typer.Option(
         "--prefix-cache/--no-prefix-cache",
-        help="Keep finished requests' KV for later prompts that start the same.",
+        help="Reuse the KV of running and finished requests for prompts that start the same.",
     ),
 ]
 
@@ -305,7 +305,7 @@ def engine_command(
             help="Seconds without a word from a frontend before its requests are aborted.",
         ),
     ] = 30.0,
-    prefix_cache: PrefixCacheOption = False,
+    prefix_cache: PrefixCacheOption = True,
 ) -> None:
     """Run one engine process: continuous batching on one device, served over ZeroMQ."""
     import logging
@@ -468,7 +468,7 @@ def serve_command(
     max_total_tokens: Annotated[int, typer.Option("--max-total-tokens", min=0)] = 0,
     max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", min=16)] = 512,
     max_step_ms: StepMsOption = 0.0,
-    prefix_cache: PrefixCacheOption = False,
+    prefix_cache: PrefixCacheOption = True,
     tool_call_parser: Annotated[
         str | None,
         typer.Option(
@@ -483,8 +483,7 @@ def serve_command(
     options += ["--max-step-ms", str(max_step_ms)]
     if num_threads:
         options += ["--num-threads", str(num_threads)]
-    if prefix_cache:
-        options.append("--prefix-cache")
+    options.append("--prefix-cache" if prefix_cache else "--no-prefix-cache")
     try:
         serve(
             model, lib_path, device, host, port, api_style, api_key, max_queue, workers,

@@ -346,3 +346,13 @@ def tiny_server_url(tiny_chat_model: Path) -> Iterator[str]:
     """`mlc-engine serve` (OpenAI style) on the tiny chat model."""
     with running_server(serve_command(tiny_chat_model)) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def guarded_server(tiny_chat_model: Path) -> Iterator[str]:
+    """The tiny chat model served one sequence at a time, with no queue and an API key
+    (`sesame`): for 429 and 401."""
+    options = ("--max-num-seqs", "1", "--max-queue", "0", "--api-key", "sesame")
+    options += ("--allowed-origin", "http://app.example")
+    with running_server(serve_command(tiny_chat_model, *options)) as url:
+        yield url

@@ -4,6 +4,7 @@ The response is read as server-sent events, line by line. Every event that carri
 moment a token (or a few) reached the client: the first gives the time to first token, the gaps
 between them the inter-token latencies. Token counts come from the server's `usage`, asked for
 with `stream_options.include_usage`; a server that sends none is counted one token per chunk.
+The reply's text is kept, for the next turn of a conversation.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ class RequestResult:
 
     server: str
     level: str
-    index: int  # which prompt of the workload
+    index: int  # which conversation of the workload
+    turn: int = 0  # which of its user messages
     sent_at: float = 0.0  # seconds after the start of its batch
     chunk_times: list[float] = field(default_factory=list)  # each event that carried text
     end: float | None = None  # the stream closed
     output_tokens: int = 0  # usage.completion_tokens, or the chunk count without usage
     prompt_tokens: int | None = None  # usage.prompt_tokens
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    reply: str = ""
+    long: bool = False  # one of a mixed workload's long prompts
     usage_reported: bool = False
     error: str | None = None
 
@@ -58,8 +63,11 @@ class RequestResult:
         return (self.end - self.ttft) / (self.output_tokens - 1)
 
 
-def request_body(endpoint: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """A greedy streamed request for exactly `max_tokens` where the server honours ignore_eos."""
+def request_body(
+    endpoint: str, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> dict[str, Any]:
+    """A greedy streamed request for exactly `max_tokens` where the server honours ignore_eos;
+    /v1/completions gets the messages' texts as one prompt, a blank line between them."""
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
@@ -70,10 +78,18 @@ def request_body(endpoint: str, model: str, prompt: str, max_tokens: int) -> dic
         "ignore_eos": True,
     }
     if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = messages
     else:
-        body["prompt"] = prompt
+        body["prompt"] = "\n\n".join(message["content"] for message in messages)
     return body
+
+
+def _read_usage(usage: dict[str, Any], result: RequestResult) -> None:
+    result.output_tokens = int(usage.get("completion_tokens", 0))
+    result.prompt_tokens = usage.get("prompt_tokens")
+    details = usage.get("prompt_tokens_details") or {}
+    result.cached_tokens = details.get("cached_tokens")
+    result.usage_reported = True
 
 
 def _chunk_text(choice: dict[str, Any]) -> str:
@@ -112,13 +128,13 @@ async def stream_request(
                 if "error" in event:
                     result.error = f"server error: {json.dumps(event['error'])[:200]}"
                     return
-                if any(_chunk_text(choice) for choice in event.get("choices") or []):
+                text = "".join(_chunk_text(choice) for choice in event.get("choices") or [])
+                if text:
                     result.chunk_times.append(time.perf_counter() - start)
+                    result.reply += text
                     chunks += 1
                 if event.get("usage"):
-                    result.output_tokens = int(event["usage"].get("completion_tokens", 0))
-                    result.prompt_tokens = event["usage"].get("prompt_tokens")
-                    result.usage_reported = True
+                    _read_usage(event["usage"], result)
         result.end = time.perf_counter() - start
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as error:
         result.error = f"{type(error).__name__}: {error}"[:200]

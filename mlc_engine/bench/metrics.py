@@ -8,7 +8,8 @@ server sustain. Latencies count only the requests that succeeded:
 - TPOT: per request, (E2E - TTFT) / (output tokens - 1);
 - ITL: every gap between two events that carried text, all requests pooled (a server that sends
   several tokens in one event shows one longer gap for them);
-- E2E: from sending the request to the end of its stream.
+- E2E: from sending the request to the end of its stream;
+- TTFT of long prompts: that of a mixed workload's long prompts alone.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Summary:
     short: int  # completed with fewer output tokens than asked (the server stopped at EOS)
     duration: float  # seconds, the batches' wall times added up
     prompt_tokens: int  # as the servers reported them (0 where a server reports no usage)
+    cached_tokens: int | None  # of those, from the server's prompt cache (None: not reported)
     output_tokens: int
     request_throughput: float  # completed requests / duration
     output_throughput: float  # output tokens / duration
@@ -69,6 +71,7 @@ class Summary:
     tpot: Distribution
     itl: Distribution
     e2e: Distribution
+    long_ttft: Distribution  # a mixed workload's long prompts (empty in other workloads)
 
 
 def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: int) -> Summary:
@@ -77,6 +80,7 @@ def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: i
     done = [r for r in results if r.ok]
     duration = sum(batch.duration for batch in batches)
     prompt_tokens = sum(r.prompt_tokens or 0 for r in done)
+    reported = [r.cached_tokens for r in done if r.cached_tokens is not None]
     output_tokens = sum(r.output_tokens for r in done)
 
     def per_second(amount: float) -> float:
@@ -91,6 +95,7 @@ def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: i
         short=sum(r.output_tokens < asked_tokens for r in done),
         duration=duration,
         prompt_tokens=prompt_tokens,
+        cached_tokens=sum(reported) if reported else None,
         output_tokens=output_tokens,
         request_throughput=per_second(len(done)),
         output_throughput=per_second(output_tokens),
@@ -99,13 +104,14 @@ def summarize(server: str, level: str, batches: Sequence[Batch], asked_tokens: i
         tpot=Distribution.of([r.tpot for r in done if r.tpot is not None]),
         itl=Distribution.of([gap for r in done for gap in r.itls]),
         e2e=Distribution.of([r.e2e for r in done if r.e2e is not None]),
+        long_ttft=Distribution.of([r.ttft for r in done if r.long and r.ttft is not None]),
     )
 
 
-# The figures compared between servers: throughputs (above 1: faster than the first server)
-# and median latencies (above 1: slower).
+# The figures compared between servers: throughputs (above 1: faster than the first server),
+# median latencies and the ITL's p99 (above 1: slower).
 COMPARED = ("request_throughput", "output_throughput", "total_throughput")
-COMPARED_LATENCIES = ("ttft", "tpot", "itl", "e2e")
+COMPARED_LATENCIES = ("ttft", "tpot", "itl", "e2e", "long_ttft")
 
 
 def ratios(summary: Summary, baseline: Summary) -> dict[str, float | None]:
@@ -119,4 +125,5 @@ def ratios(summary: Summary, baseline: Summary) -> dict[str, float | None]:
         mine: Distribution = getattr(summary, name)
         theirs: Distribution = getattr(baseline, name)
         out[f"{name}_median"] = ratio(mine.median, theirs.median)
+    out["itl_p99"] = ratio(summary.itl.p99, baseline.itl.p99)
     return out

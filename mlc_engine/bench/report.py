@@ -24,6 +24,10 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _share(part: int | None, whole: int) -> str:
+    return "-" if part is None or not whole else f"{part / whole:.0%}"
+
+
 def _name(url: str) -> str:
     return url.split("://", 1)[-1]
 
@@ -31,12 +35,18 @@ def _name(url: str) -> str:
 def print_tables(result: BenchmarkResult, console: Console) -> None:
     """Throughput and latency per level and server; ratios to the first server when several."""
     width = max(len(_name(t.url)) for t in result.targets)
-    throughput = Table(title="Throughput (ok, errors, cut off at the time limit, short outputs)")
+    workload = result.workload
+    throughput = Table(
+        title=f"Throughput, {workload.scenario} (ok, errors, cut off at the time limit, short "
+        "outputs; prompt tokens and the share the server's prompt cache held)"
+    )
     latency = Table(title="Latency (ms)")
     for table in (throughput, latency):
         table.add_column("level")
         table.add_column("server", no_wrap=True, min_width=width)
-    for column in ("ok", "err", "cut", "short", "s", "req/s", "out tok/s", "all tok/s"):
+    for column in ("ok", "err", "cut", "short", "s", "prompt", "cached"):
+        throughput.add_column(column, justify="right")
+    for column in ("req/s", "out tok/s", "all tok/s"):
         throughput.add_column(column, justify="right")
     latency.add_column("figure")
     for column in ("mean", "median", "p90", "p99"):
@@ -48,13 +58,16 @@ def print_tables(result: BenchmarkResult, console: Console) -> None:
                 _name(s.server),
                 *(str(n) for n in (s.completed, s.errors, s.unfinished, s.short)),
                 f"{s.duration:.1f}",
+                str(s.prompt_tokens),
+                _share(s.cached_tokens, s.prompt_tokens),
                 f"{s.request_throughput:.2f}",
                 f"{s.output_throughput:.1f}",
                 f"{s.total_throughput:.1f}",
             )
-            for figure, d in zip(
-                ("TTFT", "TPOT", "ITL", "E2E"), (s.ttft, s.tpot, s.itl, s.e2e), strict=True
-            ):
+            figures = {"TTFT": s.ttft, "TPOT": s.tpot, "ITL": s.itl, "E2E": s.e2e}
+            if s.long_ttft.count:
+                figures["TTFT long"] = s.long_ttft
+            for figure, d in figures.items():
                 latency.add_row(
                     s.level,
                     _name(s.server),
@@ -73,7 +86,8 @@ def _ratio_table(result: BenchmarkResult) -> Table:
     table = Table(
         title=f"Ratio to {first}: throughputs (above 1: faster), median latencies (above 1: slower)"
     )
-    names = ["req/s", "out tok/s", "all tok/s", *(n.upper() for n in COMPARED_LATENCIES)]
+    latencies = [n.upper().replace("LONG_TTFT", "TTFT long") for n in COMPARED_LATENCIES]
+    names = ["req/s", "out tok/s", "all tok/s", *latencies, "ITL p99"]
     table.add_column("level")
     table.add_column("server", no_wrap=True)
     for column in names:

@@ -3,7 +3,9 @@
 Servers never run at the same time (they would compete for the same cores); instead each load
 level's requests are split into rounds and the servers take turns, in the order A B, B A, A B...,
 so that whatever else the machine does in that time weighs on all of them alike. Every server
-gets the same prompts and, at a request rate, the same arrival times.
+gets the same conversations and, at a request rate, the same arrival times. A conversation is a
+unit of work: concurrency and arrival times count conversations, whose turns go one after
+another, each as soon as the reply before it has ended.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import itertools
 import random
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ from mlc_engine.bench.client import RequestResult, request_body, stream_request
 from mlc_engine.bench.metrics import Batch, Summary, summarize
 from mlc_engine.bench.workload import (
     DEFAULT_TEXT,
+    Conversation,
     LoadLevel,
     PromptSource,
     Workload,
@@ -66,7 +70,7 @@ def turn_order(servers: int, round_index: int) -> list[int]:
 
 
 def round_indices(num_requests: int, rounds: int) -> list[range]:
-    """The prompt indices of each round, as even as possible (empty rounds are dropped)."""
+    """The conversation indices of each round, as even as possible (empty rounds are dropped)."""
     bounds = [num_requests * r // rounds for r in range(rounds + 1)]
     return [range(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
@@ -81,50 +85,87 @@ async def _model_of(client: httpx.AsyncClient, url: str) -> str:
         raise ConnectionError(f"{url}/v1/models: {error or type(error).__name__}") from None
 
 
+async def _converse(
+    client: httpx.AsyncClient,
+    target: Target,
+    workload: Workload,
+    conversation: Conversation,
+    label: str,
+    max_tokens: int,
+    clock: Callable[[], float],
+    keep: Callable[[RequestResult], None],
+) -> None:
+    """Send the conversation's turns one by one, each result to `keep` as it ends (`clock` says
+    when a turn is sent); stops after a failed turn."""
+    messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+    for turn, text in enumerate(conversation.turns):
+        messages.append({"role": "user", "content": text})
+        body = request_body(workload.endpoint, target.model, messages, max_tokens)
+        result = RequestResult(target.url, label, conversation.index, turn, clock())
+        result.long = conversation.long
+        await stream_request(client, target.url, workload.endpoint, body, result)
+        keep(result)
+        if not result.ok:
+            return
+        messages.append({"role": "assistant", "content": result.reply})
+
+
 async def run_batch(
     client: httpx.AsyncClient,
     target: Target,
     workload: Workload,
     level: LoadLevel,
-    prompts: list[tuple[int, str]],
+    conversations: list[Conversation],
     offsets: list[float],
     seconds: float,
 ) -> Batch:
-    """Send `prompts` (index, text), each no sooner than its offset and within the level's
+    """Hold `conversations`, each started no sooner than its offset and within the level's
     concurrency; after `seconds` the requests still running or waiting are cancelled."""
-    limit = asyncio.Semaphore(level.concurrency or len(prompts))
-    results = [RequestResult(target.url, level.label, index) for index, _ in prompts]
+    limit = asyncio.Semaphore(level.concurrency or len(conversations))
+    results: list[RequestResult] = []  # requests that ended, as they end
     start = time.perf_counter()
 
-    async def send(result: RequestResult, prompt: str, offset: float) -> None:
+    def clock() -> float:
+        return time.perf_counter() - start
+
+    async def hold(conversation: Conversation, offset: float) -> None:
         await asyncio.sleep(offset)
         async with limit:
-            result.sent_at = time.perf_counter() - start
-            body = request_body(workload.endpoint, target.model, prompt, workload.output_tokens)
-            await stream_request(client, target.url, workload.endpoint, body, result)
+            await _converse(
+                client, target, workload, conversation, level.label,
+                workload.output_tokens, clock, results.append,
+            )  # fmt: skip
 
     tasks = [
-        asyncio.create_task(send(result, prompt, offset))
-        for result, (_, prompt), offset in zip(results, prompts, offsets, strict=True)
+        asyncio.create_task(hold(conversation, offset))
+        for conversation, offset in zip(conversations, offsets, strict=True)
     ]
-    done, pending = await asyncio.wait(tasks, timeout=seconds)
-    duration = time.perf_counter() - start
+    _, pending = await asyncio.wait(tasks, timeout=seconds)
+    duration = clock()
     for task in pending:
         task.cancel()  # closes its connection, so the server can drop the request too
     await asyncio.gather(*pending, return_exceptions=True)
-    finished = [result for result, task in zip(results, tasks, strict=True) if task in done]
-    return Batch(finished, duration, len(pending))
+    kept = Counter(result.index for result in results)
+    unfinished = sum(
+        workload.turns - kept[conversation.index]
+        for conversation, task in zip(conversations, tasks, strict=True)
+        if task in pending
+    )
+    return Batch(results, duration, unfinished)
 
 
 async def _warm_up(
-    client: httpx.AsyncClient, target: Target, workload: Workload, prompt: str
+    client: httpx.AsyncClient, target: Target, workload: Workload, conversation: Conversation
 ) -> None:
-    """One short request, not counted: the first may load or compile something."""
-    warmup = RequestResult(target.url, "warm-up", 0)
-    body = request_body(workload.endpoint, target.model, prompt, WARMUP_TOKENS)
-    await stream_request(client, target.url, workload.endpoint, body, warmup)
-    if not warmup.ok:
-        raise ConnectionError(f"{target.url} failed its warm-up request: {warmup.error}")
+    """A short first turn, not counted: the first request may load or compile something, and
+    a shared system prompt is then in the server's prompt cache, as in a service running."""
+    first_turn = Conversation(conversation.index, conversation.system, conversation.turns[:1])
+    ended: list[RequestResult] = []
+    await _converse(
+        client, target, workload, first_turn, "warm-up", WARMUP_TOKENS, lambda: 0.0, ended.append
+    )
+    if not ended[0].ok:
+        raise ConnectionError(f"{target.url} failed its warm-up request: {ended[0].error}")
 
 
 async def _level(
@@ -132,21 +173,22 @@ async def _level(
     targets: list[Target],
     workload: Workload,
     level: LoadLevel,
-    first_prompt: int,
-    prompt: Callable[[int], str],
+    first: int,
+    conversation: Callable[[int], Conversation],
     progress: Callable[[str], None],
 ) -> LevelResult:
     batches: dict[str, list[Batch]] = {target.url: [] for target in targets}
     rounds = round_indices(workload.num_requests, workload.rounds)
     for round_index, indices in enumerate(rounds):
-        numbers = [first_prompt + i for i in indices]
-        prompts = [(i, prompt(i)) for i in numbers]
+        conversations = [conversation(first + i) for i in indices]
         rng = random.Random(f"{workload.seed}/{level.label}/{round_index}")
-        offsets = arrival_offsets(level, len(prompts), rng)
+        offsets = arrival_offsets(level, len(conversations), rng)
         seconds = workload.max_seconds / len(rounds)
         for server in turn_order(len(targets), round_index):
             target = targets[server]
-            batch = await run_batch(client, target, workload, level, prompts, offsets, seconds)
+            batch = await run_batch(
+                client, target, workload, level, conversations, offsets, seconds
+            )
             batches[target.url].append(batch)
             progress(
                 f"{level.label} round {round_index + 1}/{len(rounds)} {target.url}: "
@@ -171,20 +213,22 @@ async def _run(
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         targets = [Target(url, model or await _model_of(client, url)) for url in urls]
-        # Every prompt of the run differs from the others and from other runs': a prompt seen
-        # before would let a server's prompt cache skip its prefill.
+        # Every user message of the run differs from the others and from other runs': a prompt
+        # seen before would let a server's prompt cache skip its prefill.
         run_id = secrets.token_hex(3)
 
-        def prompt(index: int) -> str:
-            return source.prompt(index, workload.input_words, run_id)
+        def conversation(index: int) -> Conversation:
+            return workload.conversation(source, index, run_id)
 
-        warmup_prompt = prompt(len(levels) * workload.num_requests)  # after all the levels'
+        warmup = conversation(len(levels) * workload.num_requests)  # after all the levels'
         for target in targets:
-            await _warm_up(client, target, workload, warmup_prompt)
+            await _warm_up(client, target, workload, warmup)
         results = []
         for number, level in enumerate(levels):
             first = number * workload.num_requests
-            results.append(await _level(client, targets, workload, level, first, prompt, progress))
+            results.append(
+                await _level(client, targets, workload, level, first, conversation, progress)
+            )
     return BenchmarkResult(workload, targets, results, run_id)
 
 

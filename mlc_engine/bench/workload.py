@@ -5,6 +5,15 @@ tokens: the harness has no tokenizer of its own, and each server tokenizes diffe
 English text and the BPE vocabularies of small LLMs a word is about 1.3 tokens; the servers'
 own count (`usage.prompt_tokens`, chat template included) is recorded for every request.
 Each run tags its prompts with a random run id (one word), see `PromptSource.prompt`.
+
+Three scenarios say what a unit of work (a conversation) sends:
+- `independent`: one user message, no two alike;
+- `multi-turn`: `turns` user messages one after another, each sent with the whole conversation
+  so far (the server's own replies included), as chat clients do;
+- `shared-prefix`: one short user message after a long system prompt that every conversation of
+  the run shares, as apps with a fixed system prompt or few-shot examples do;
+- `mixed`: one user message each, but every `long_every`-th is `long_words` long: long prompts
+  arrive while short chats stream, which shows whether their prefill stalls the streams.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from pathlib import Path
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "pd_english.txt"
 ENDPOINTS = ("chat", "completions")
+SCENARIOS = ("independent", "multi-turn", "shared-prefix", "mixed")
 
 # Request i starts i * STRIDE words into the text (wrapping around): successive prompts share no
 # prefix, so a server's prefix cache cannot skip their prefill. Prime, so that offsets repeat
@@ -33,14 +43,57 @@ class Workload:
     max_seconds: float  # per server and load level, all its rounds together
     rounds: int = 2  # each level's requests are split into this many turns per server
     seed: int = 0  # Poisson arrival times
+    scenario: str = "independent"  # one of SCENARIOS
+    turns: int = 1  # user messages per conversation (multi-turn)
+    system_words: int = 0  # the shared system prompt's length in words (shared-prefix)
+    long_words: int = 0  # the long prompts' length in words (mixed)
+    long_every: int = 0  # conversations per long one (mixed)
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}: {self.endpoint!r}")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}: {self.scenario!r}")
         if min(self.input_words, self.output_tokens, self.num_requests, self.rounds) < 1:
             raise ValueError("input words, output tokens, requests and rounds must be positive")
         if self.max_seconds <= 0:
             raise ValueError("the time limit must be positive")
+        if self.scenario == "multi-turn" and (self.turns < 2 or self.endpoint != "chat"):
+            raise ValueError("a multi-turn workload needs the chat endpoint and 2 turns or more")
+        if self.scenario != "multi-turn" and self.turns != 1:
+            raise ValueError("only a multi-turn workload has more than one turn")
+        if (self.scenario == "shared-prefix") != (self.system_words > 0):
+            raise ValueError("a shared-prefix workload, and only it, has a system prompt")
+        mixed = self.long_words > 0 and self.long_every > 0
+        if (self.scenario == "mixed") != mixed or (not mixed and self.long_words + self.long_every):
+            raise ValueError("a mixed workload, and only it, has long prompts, every so often")
+
+    def conversation(self, source: PromptSource, index: int, run_id: str = "") -> Conversation:
+        """What conversation `index` sends; conversations of one run share no user message."""
+        long = self.long_every > 0 and index % self.long_every == self.long_every - 1
+        words = self.long_words if long else self.input_words
+        turns = tuple(
+            source.prompt(index * self.turns + turn, words, run_id) for turn in range(self.turns)
+        )
+        system = ""
+        if self.system_words:
+            system = source.prompt(SYSTEM_PROMPT_INDEX, self.system_words, run_id)
+        return Conversation(index, system, turns, long)
+
+
+# The shared system prompt's place in the text: its words end where request 0's begin.
+SYSTEM_PROMPT_INDEX = -1
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One unit of work: a system prompt (or none), then user messages sent one at a time, each
+    with everything before it and the server's replies."""
+
+    index: int
+    system: str
+    turns: tuple[str, ...]
+    long: bool = False  # one of a mixed workload's long prompts
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine import quantization as q
 from mlc_engine.engine.quantization import Quantization, get_quantization
 from mlc_engine.engine.runtime import PARAMS_FILE
+from mlc_engine.engine.weights.gguf_blocks import Blocks
 from mlc_engine.engine.weights.source import ModelSource, SourceTensor, load_source
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,20 @@ TOKENIZER_FILE = "tokenizer.json"
 
 # Raised whenever converting the same source would give another folder: the default model's
 # folder in the cache is converted again when it was written by an older converter.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 FLOAT_KINDS = {"F32", "F16", "BF16"}
-# How much a storage holds, for fused groups of sources stored differently: the group takes the
-# widest of its members' storages, so no member loses bits.
-WIDTH = {q.Q4_0: 0, q.Q4_1: 1, q.Q8_0: 2, q.FLOAT: 3}
+# The storage that holds each GGUF block type exactly (`gguf_blocks.py` decodes them): K-quants'
+# sub-block scales become per-group float scales, and 5- and 6-bit codes take a byte each.
+EXACT_STORAGE = {
+    "Q4_0": q.Q4_0,
+    "Q4_1": q.Q4_1,
+    "Q4_K": q.Q4_1,
+    "Q5_0": q.Q8_0,
+    "Q8_0": q.Q8_0,
+    "Q5_1": q.Q8_1,
+    "Q5_K": q.Q8_1,
+    "Q6_K": q.Q8_0_G16,
+}
 
 
 def _float_rows(sources: list[SourceTensor]) -> np.ndarray:
@@ -43,63 +53,86 @@ def _float_rows(sources: list[SourceTensor]) -> np.ndarray:
 
 def _kind_storage(kind: str, quant: Quantization) -> str:
     """What a GGUF tensor of `kind` becomes under a 4-bit scheme: never fewer bits than it has.
-    4-bit blocks take the scheme's 4-bit format (Q4_1 into a symmetric scheme is rounded again,
-    with a warning, as MLC's names promise symmetric codes)."""
+    4-bit blocks take the scheme's 4-bit format (Q4_1 and Q4_K into a symmetric scheme are
+    rounded again, with a warning, as MLC's names promise symmetric codes)."""
     if kind in FLOAT_KINDS:
         return q.FLOAT
-    if kind == "Q8_0":
-        return q.Q8_0
-    return quant.weight_storage
+    storage = EXACT_STORAGE[kind]
+    return quant.weight_storage if q.FORMATS[storage].bits == 4 else storage
 
 
 def weight_storage(sources: list[SourceTensor], quant: Quantization, keeps_storage: bool) -> str:
     """The storage of one (possibly fused) weight: the scheme's for float checkpoints and for
-    unquantized schemes, else the widest of what the GGUF file's tensors need."""
+    unquantized schemes, else the narrowest that holds what each of the GGUF file's tensors
+    needs (`quantization.widest`)."""
     if not quant.quantized or not keeps_storage:
         return quant.weight_storage
-    return max((_kind_storage(s.kind, quant) for s in sources), key=WIDTH.__getitem__)
+    return q.widest([_kind_storage(s.kind, quant) for s in sources])
 
 
-def _pack_q4(sources: list[SourceTensor], storage: str, rerounded: list[str]) -> q.PackedWeight:
-    """4-bit groups for the row-concatenation of `sources`, reusing GGUF blocks when they fit;
-    names of 4-bit sources that had to be rounded again go to `rerounded`."""
-    kinds = {s.kind for s in sources}
-    has_minimum = storage == q.Q4_1
-    if kinds == {"Q4_0"} or (has_minimum and kinds <= {"Q4_0", "Q4_1"}):
-        codes, scales, minimums = [], [], []
-        for s in sources:
-            blocks = s.q4_blocks()
-            codes.append(blocks.codes)
-            scales.append(blocks.scale)
-            # Q4_0's `scale * (code - 8)` is `scale * code + minimum` with minimum = -8 * scale.
-            minimums.append(blocks.minimum if blocks.minimum is not None else -8.0 * blocks.scale)
-        minimum = np.concatenate(minimums) if has_minimum else None
-        return q.PackedWeight(
-            storage, q.pack_codes(np.concatenate(codes)), np.concatenate(scales), minimum
-        )
-    rerounded.extend(s.name for s in sources if s.kind not in FLOAT_KINDS)
-    weight = _float_rows(sources)
-    if has_minimum:
+def _exact(blocks: Blocks, storage: str) -> q.PackedWeight | None:
+    """`blocks` in `storage` with every value kept, or None where the storage cannot hold them."""
+    form = q.FORMATS[storage]
+    if blocks.group % form.group:
+        return None
+    scale, minimum = blocks.scale, blocks.minimum
+    if minimum is not None and not form.has_minimum:
+        return None
+    if form.bits == 8:
+        words = q.pack_q8(blocks.codes)
+        if form.has_minimum and minimum is None:
+            minimum = np.zeros_like(scale)
+    else:
+        codes = blocks.codes.astype(np.int16)
+        if minimum is None:  # symmetric codes (Q4_0's), which 4-bit storages hold as code + 8
+            if codes.min(initial=0) < -8 or codes.max(initial=0) > 7:
+                return None
+            codes = codes + 8
+            # scale * (code + 8) - 8 * scale: both products and the difference are exact.
+            minimum = -8 * scale if form.has_minimum else None
+        elif codes.min(initial=0) < 0 or codes.max(initial=0) > 15:
+            return None
+        words = q.pack_codes(codes.astype(np.uint8))
+    repeat = blocks.group // form.group
+    if repeat > 1:
+        scale = np.repeat(scale, repeat, axis=1)
+        minimum = None if minimum is None else np.repeat(minimum, repeat, axis=1)
+    return q.PackedWeight(storage, words, scale, minimum)
+
+
+def _rounded(weight: np.ndarray, storage: str) -> q.PackedWeight:
+    """A float matrix rounded into `storage`."""
+    form = q.FORMATS[storage]
+    if form.bits == 4 and form.has_minimum:
         code, scale, minimum = q.quantize_asymmetric(weight)
         return q.PackedWeight(storage, q.pack_codes(code), scale, minimum)
-    code, scale = q.quantize_symmetric(weight)
-    return q.PackedWeight(storage, q.pack_codes(code), scale)
+    if form.bits == 4:
+        code, scale = q.quantize_symmetric(weight)
+        return q.PackedWeight(storage, q.pack_codes(code), scale)
+    code, scale = q.quantize_q8(weight, form.group)
+    zero = np.zeros_like(scale) if form.has_minimum else None
+    return q.PackedWeight(storage, q.pack_q8(code), scale, zero)
 
 
-def _pack_q8(sources: list[SourceTensor], rerounded: list[str]) -> q.PackedWeight:
-    """8-bit groups for the row-concatenation of `sources`: GGUF Q8_0 blocks as they are, others
-    rounded from their values (a 4-bit member of a fused group goes to `rerounded`)."""
-    codes, scales = [], []
+def _pack(sources: list[SourceTensor], storage: str, rerounded: list[str]) -> q.PackedWeight:
+    """The row-concatenation of `sources` in `storage`: GGUF blocks carried over exactly where
+    the storage holds them, others rounded from their values (names of quantized sources that
+    had to be rounded again go to `rerounded`)."""
+    parts = []
     for s in sources:
-        if s.kind == "Q8_0":
-            blocks = s.q8_blocks()
-        else:
+        packed = None if s.kind in FLOAT_KINDS else _exact(s.blocks(), storage)
+        if packed is None:
             if s.kind not in FLOAT_KINDS:
                 rerounded.append(s.name)
-            blocks = q.quantize_q8(s.to_float32())
-        codes.append(blocks[0])
-        scales.append(blocks[1])
-    return q.PackedWeight(q.Q8_0, q.pack_q8(np.concatenate(codes)), np.concatenate(scales))
+            packed = _rounded(s.to_float32(), storage)
+        parts.append(packed)
+    minimums = [p.minimum for p in parts if p.minimum is not None]
+    return q.PackedWeight(
+        storage,
+        np.concatenate([p.weight for p in parts]),
+        np.concatenate([p.scale for p in parts]),
+        np.concatenate(minimums) if minimums else None,
+    )
 
 
 def _weight_params(
@@ -111,10 +144,7 @@ def _weight_params(
     cols = sources[0].shape[-1]
     if cols % q.GROUP_SIZE:
         raise ValueError(f"{sources[0].name}: {cols} columns is not a multiple of {q.GROUP_SIZE}")
-    if storage == q.Q8_0:
-        packed = _pack_q8(sources, rerounded)
-    else:
-        packed = _pack_q4(sources, storage, rerounded)
+    packed = _pack(sources, storage, rerounded)
     prefix = f"{name}.{q.packed_name(storage)}"
     params = {f"{prefix}.q_weight": packed.weight, f"{prefix}.q_scale": packed.scale.astype(dtype)}
     if packed.minimum is not None:
@@ -171,7 +201,7 @@ def convert_params(
     if rerounded:
         log.warning(
             "%d quantized tensors could not be carried over as they are into %s and were "
-            "rounded again (%s%s); q4f32_m / q4f16_m keep GGUF Q4_0 and Q4_1 blocks exactly",
+            "rounded again (%s%s); q4f32_m / q4f16_m keep GGUF Q4_0, Q4_1 and Q4_K blocks exactly",
             len(rerounded),
             quant.name,
             ", ".join(rerounded[:3]),

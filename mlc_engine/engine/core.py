@@ -47,10 +47,9 @@ class EngineConfig:
     max_queue: int = 256
     # A frontend silent for this long (seconds) is gone: its requests are aborted.
     frontend_lease: float = 30.0
-    # Keep finished sequences' KV for new prompts that start the same (engine/prefix_cache.py).
-    # Off by default until measured (issue 16): a prompt forked from the cache is computed in
-    # other chunks than alone, which can flip a near-tie greedy token of a 4-bit model.
-    prefix_cache: bool = False
+    # Reuse the KV of running and finished sequences for prompts that start the same
+    # (engine/prefix_cache.py).
+    prefix_cache: bool = True
 
 
 class Engine:

@@ -29,7 +29,10 @@ load gives 4 consecutive codes of each of 8 columns, and they meet a broadcast o
 matching activations as llama.cpp's q8_0 dot does: `vpmaddubsw` multiplies unsigned by signed
 bytes, so the activations go in as magnitudes (`|xq|`, kept beside `xq`) and the codes take
 their signs (`vpsignb`). Two such products reach 2 * 127 * 128, so each word's int16 sums are
-widened at once, and a group's are added as int32.
+widened at once, and a group's are added as int32. 8-bit codes may have a minimum (GGUF's Q5_1,
+and Q5_K's sub-blocks), which adds the offset term as for 4-bit codes, and a scale per 16
+(Q6_K's sub-blocks): activations are still rounded in groups of 32, each covering two weight
+groups, with a sum of its rounded values per weight group.
 
 Rows go through in tiles of 4 (their int16 sums and float accumulators, one register each, with
 the codes and a broadcast, fill the 16 AVX2 registers; 3 to 6 rows ran as fast), or 8 where
@@ -85,6 +88,7 @@ class Operands:
     n: int
     bits: int  # of a weight code: 4 or 8
     has_minimum: bool
+    group: int  # elements per scale (and minimum) of the weights: 32, or 16 for 8-bit codes
     has_residual: bool
     vnni: bool  # vpdpbusd: 4 products of unsigned by signed bytes added into each int32 lane
     row_tile: int  # ROW_TILE, or WIDE_ROW_TILE where the target has 32 vector registers
@@ -95,7 +99,8 @@ class Operands:
 
     @property
     def words_per_group(self) -> int:
-        return GROUP_SIZE // self.codes_per_word
+        """Words of codes per weight group."""
+        return self.group // self.codes_per_word
 
 
 def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
@@ -134,7 +139,7 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
     blocks_of_columns, words, _ = (int(d) for d in packed.shape)
     k = int(x.shape[-1])
     bits = 32 * words // k
-    if bits not in (4, 8) or (bits == 8 and len(weights) != 2):
+    if bits not in (4, 8):
         return None
     # The kernel declares x, codes, scale, [minimum], [residual], out: the weights in the order
     # `QuantizedWeight.tensors()` passes them.
@@ -143,6 +148,12 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
         b.name for b in weights
     }:
         return None
+    scale = params[2]
+    if len(scale.shape) != 3:
+        return None
+    group = k // int(scale.shape[1])
+    if group not in (16, GROUP_SIZE) or (bits == 4 and group != GROUP_SIZE):
+        return None
     rows: tirx.PrimExpr = tirx.IntImm("int64", 1)
     for d in x.shape[:-1]:
         rows = rows * d.astype("int64")
@@ -150,7 +161,8 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
     n = blocks_of_columns * COLUMN_BLOCK
     wide = codegen.llvm_cpu_has_features(["avx512vl"], target)
     row_tile = WIDE_ROW_TILE if wide else ROW_TILE
-    return Operands(rows, k, n, bits, len(weights) == 3, has_residual, has_vnni(target), row_tile)
+    has_minimum = len(weights) == 3
+    return Operands(rows, k, n, bits, has_minimum, group, has_residual, has_vnni(target), row_tile)
 
 
 def has_vnni(target: tvm.target.Target) -> bool:
@@ -188,7 +200,10 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     rows, k, n = operands.rows, operands.k, operands.n
     has_minimum, has_residual = operands.has_minimum, operands.has_residual
     eight_bit = operands.bits == 8
+    # Symmetric 4-bit codes centre on 8, so they have an offset term as minimums do.
+    has_offset = has_minimum or not eight_bit
     per_word = operands.codes_per_word
+    group = operands.group
     words_per_group = operands.words_per_group
     word_order = list(range(per_word)) if eight_bit else WORD_ORDER
     pmaddwd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
@@ -202,7 +217,11 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     minimum_param = params[3] if has_minimum else scale_param
     out_param = params[-1]
     residual_param = params[-2] if has_residual else out_param
-    groups = k // GROUP_SIZE
+    # Activations are rounded in groups of GROUP_SIZE, the weights scaled in groups of `group`
+    # (GROUP_SIZE, or half of it): each activation group covers `subgroups` weight groups.
+    x_groups = k // GROUP_SIZE
+    groups = k // group
+    subgroups = GROUP_SIZE // group
     words = k // per_word
     m = rows.astype("int32")
     registers = COLUMN_BLOCK // LANES
@@ -220,7 +239,7 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
 
     def quad_at(r, g, w, odd):
         """The index, in 4-byte units, of the 4 activations meeting a word's (odd) codes."""
-        return (r * k + g * GROUP_SIZE + w * per_word) // 4 + odd
+        return (r * k + g * group + w * per_word) // 4 + odd
 
     def quad_products(codes, xq32, block, g, w, c, odd, row):
         """vpmaddubsw of one 4-bit word's even (or odd) codes for 8 columns with the row's 4
@@ -316,12 +335,14 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
                 out[out_lanes(block, c, r0 + r)] = acc[lanes(r * LANES)]
 
     def group_sum(sums, scale, minimum, x_scale, x_sum, block, g, c, row):
-        """A group's int32 sums for 8 columns as floats: scaled, plus the 4-bit codes' offset
-        times the sum of the row's rounded activations."""
+        """A weight group's int32 sums for 8 columns as floats: scaled, plus the codes' offset
+        (a minimum, or symmetric 4-bit codes' centre) times the sum of the row's rounded
+        activations over the group."""
+        x_group_scale = x_scale[row * x_groups + g // subgroups]
         scaled = T.Cast("float32x8", sums) * (
-            scale[group_lanes(block, g, c)] * T.Broadcast(x_scale[row * groups + g], LANES)
+            scale[group_lanes(block, g, c)] * T.Broadcast(x_group_scale, LANES)
         )
-        if eight_bit:
+        if not has_offset:
             return scaled
         return scaled + offsets(scale, minimum, block, g, c) * T.Broadcast(
             x_sum[row * groups + g], LANES
@@ -380,16 +401,17 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     @T.macro
     def round_group(buffers, r, g):
         """Group g of row r rounded to int8 (`xq`, each word's in `word_order`), with its scale,
-        and the sum of its rounded values (4-bit) or their magnitudes (8-bit, `m * k` on)."""
+        the magnitudes of its rounded values (8-bit, `m * k` on), and the sums of its rounded
+        values over each weight group it covers (where the codes have an offset)."""
         x, xq, x_scale, x_sum = buffers
         largest = T.alloc_buffer((1,), "float32")
         x_inverse = T.alloc_buffer((1,), "float32")
         largest[0] = _largest_at(x, group_start(r, g))
-        x_scale[r * groups + g] = largest[0] / T.float32(LARGEST_CODE)
+        x_scale[r * x_groups + g] = largest[0] / T.float32(LARGEST_CODE)
         x_inverse[0] = T.if_then_else(  # 0 for a group of zeros
             largest[0] > 0, T.float32(LARGEST_CODE) / largest[0], 0.0
         )
-        for w in range(words_per_group):
+        for w in range(GROUP_SIZE // per_word):
             xq[T.ramp(group_start(r, g) + w * per_word, 1, per_word)] = T.Cast(
                 f"int8x{per_word}",
                 T.round(
@@ -404,17 +426,21 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
             xq[T.ramp(m * k + group_start(r, g), 1, GROUP_SIZE)] = T.abs(
                 xq[T.ramp(group_start(r, g), 1, GROUP_SIZE)]
             )
-        else:
+        if has_offset:
             # The sum of the rounded activations, so that the result is exactly that of the
             # rounded row (as llama.cpp's); the sum of x itself would leave the codes' offset
             # out of the rounding error, which grows it (codes are all positive).
-            x_sum[r * groups + g] = x_scale[r * groups + g] * T.Cast(
-                "float32",
-                _tree(
-                    T.Add,
-                    [T.Cast("int32", xq[group_start(r, g) + i]) for i in range(GROUP_SIZE)],
-                ),
-            )
+            for sub in range(subgroups):
+                x_sum[(r * x_groups + g) * subgroups + sub] = x_scale[r * x_groups + g] * T.Cast(
+                    "float32",
+                    _tree(
+                        T.Add,
+                        [
+                            T.Cast("int32", xq[group_start(r, g) + sub * group + i])
+                            for i in range(group)
+                        ],
+                    ),
+                )
 
     @T.prim_func(private=True, check_well_formed=False)
     def kernel():
@@ -427,16 +453,16 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         # The rounded activations, and for 8-bit weights their magnitudes after them.
         xq = T.alloc_buffer((m * k * (2 if eight_bit else 1),), "int8")
         xq32 = T.decl_buffer((m * k // 4 * (2 if eight_bit else 1),), "int32", data=xq.data)
-        x_scale = T.alloc_buffer((m * groups,), "float32")
+        x_scale = T.alloc_buffer((m * x_groups,), "float32")
         x_sum = T.alloc_buffer((m * groups,), "float32")
         buffers = (x, xq, x_scale, x_sum)
         # Rounded in parallel, the down projection ran 5-8% faster at 16 and 512 rows (its
         # k = 1536 makes rounding the largest share of a call).
         if m >= PARALLEL_ROUNDING_ROWS:
-            for task in T.parallel(m * groups):
-                round_group(buffers, task // groups, task % groups)
+            for task in T.parallel(m * x_groups):
+                round_group(buffers, task // x_groups, task % x_groups)
         else:
-            for r, g in T.grid(m, groups):
+            for r, g in T.grid(m, x_groups):
                 round_group(buffers, r, g)
         for block in T.parallel(n // COLUMN_BLOCK):
             buffers = (codes, scale, minimum, xq32, x_scale, x_sum, out, residual)

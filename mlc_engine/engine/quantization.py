@@ -12,9 +12,17 @@ Each weight matrix has a storage of its own (`STORAGES`), recorded per tensor in
 `mlc-chat-config.json` (`ModelConfig.tensor_storage`): the scheme's 4-bit format for weights
 converted from floats, or what a GGUF file held where that had more bits (a Q8_0 tensor stays
 8-bit, a float one float: `convert.py`). The scheme's dtype computes throughout.
-- `q4_0`: the symmetric 4-bit groups above; `q4_1`: with a minimum.
-- `q8_0`: GGUF's Q8_0 blocks, `w = scale * code`, code in -128..127, groups of 32.
+- `q4_0`: the symmetric 4-bit groups above; `q4_1`: with a minimum (also GGUF's Q4_K, whose
+  sub-blocks of 32 each have a scale and a minimum).
+- `q8_0`: GGUF's Q8_0 blocks, `w = scale * code`, code in -128..127, groups of 32; `q8_1`: with
+  a minimum, `w = scale * code + minimum`. `q8_0_g16` and `q8_1_g16`: the same in groups of 16.
+  GGUF's 5- and 6-bit types (Q5_0, Q5_1, Q5_K, Q6_K) are carried over into these, each code in
+  a byte (`convert.py`).
 - `float`: the weights in the compute dtype.
+
+The scale (and minimum) of a group is a float in the compute dtype. For GGUF's K-quants it is the
+product GGML forms of the super-block's float16 scale and the sub-block's integer one: exact in
+float32, so a float32 scheme computes with the file's weights bit for bit (float16 ones round it).
 
 4-bit codes are packed eight to a uint32, element `k` of a row in bits `4 * (k % 8)` of word
 `k // 8`; 8-bit codes four to a uint32, element `k` in byte `k % 4` of word `k // 4` (the int8
@@ -38,19 +46,60 @@ from mlc_engine.common.config import ModelConfig
 GROUP_SIZE = 32
 CODES_PER_WORD = 8  # 4-bit codes in a uint32
 
-FLOAT, Q4_0, Q4_1, Q8_0 = "float", "q4_0", "q4_1", "q8_0"
-STORAGES = (FLOAT, Q4_0, Q4_1, Q8_0)
-# Bits per code of each quantized storage, and how many codes a uint32 word holds.
-STORAGE_BITS = {Q4_0: 4, Q4_1: 4, Q8_0: 8}
+FLOAT, Q4_0, Q4_1, Q8_0, Q8_1 = "float", "q4_0", "q4_1", "q8_0", "q8_1"
+Q8_0_G16, Q8_1_G16 = "q8_0_g16", "q8_1_g16"
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageFormat:
+    """How a quantized storage holds a matrix: codes of `bits`, a scale per `group` elements of
+    a row and, with `has_minimum`, a minimum per group."""
+
+    bits: int
+    has_minimum: bool
+    group: int
+
+
+FORMATS = {
+    Q4_0: StorageFormat(4, False, GROUP_SIZE),
+    Q4_1: StorageFormat(4, True, GROUP_SIZE),
+    Q8_0: StorageFormat(8, False, GROUP_SIZE),
+    Q8_1: StorageFormat(8, True, GROUP_SIZE),
+    Q8_0_G16: StorageFormat(8, False, 16),
+    Q8_1_G16: StorageFormat(8, True, 16),
+}
+STORAGES = (FLOAT, *FORMATS)
 
 
 def codes_per_word(storage: str) -> int:
-    return 32 // STORAGE_BITS[storage]
+    return 32 // FORMATS[storage].bits
+
+
+def group_size(storage: str) -> int:
+    return FORMATS[storage].group
+
+
+def has_minimum(storage: str) -> bool:
+    return FORMATS[storage].has_minimum
 
 
 def packed_name(storage: str) -> str:
     """The prefix of a quantized weight's arrays in the model folder (`q4`, `q8`)."""
-    return f"q{STORAGE_BITS[storage]}"
+    return f"q{FORMATS[storage].bits}"
+
+
+def widest(storages: list[str]) -> str:
+    """The narrowest storage that holds every one of `storages` exactly: float if any is float,
+    else the most bits, a minimum if any has one, and the smallest group."""
+    if FLOAT in storages:
+        return FLOAT
+    formats = [FORMATS[s] for s in storages]
+    joined = StorageFormat(
+        max(f.bits for f in formats),
+        any(f.has_minimum for f in formats),
+        min(f.group for f in formats),
+    )
+    return next(name for name, f in FORMATS.items() if f == joined)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +192,10 @@ def storage_of(config: ModelConfig, name: str) -> str:
 class PackedWeight:
     """A quantized weight matrix as stored in a model folder."""
 
-    storage: str  # Q4_0, Q4_1 or Q8_0
+    storage: str  # one of FORMATS
     weight: np.ndarray  # uint32 [rows, cols // codes_per_word(storage)]
-    scale: np.ndarray  # [rows, cols // 32]
-    minimum: np.ndarray | None = None  # [rows, cols // 32], Q4_1 only
+    scale: np.ndarray  # [rows, cols // group_size(storage)]
+    minimum: np.ndarray | None = None  # as scale, for storages with a minimum
 
 
 def quantize_symmetric(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,10 +234,10 @@ def unpack_codes(words: np.ndarray) -> np.ndarray:
     return codes.reshape(words.shape[0], -1).astype(np.uint8)
 
 
-def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q8(w: np.ndarray, group: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Round a float matrix to 8-bit groups as GGUF's Q8_0 does: (codes int8, scale float32)."""
     rows, cols = w.shape
-    groups = w.astype(np.float32).reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    groups = w.astype(np.float32).reshape(rows, cols // group, group)
     scale = np.abs(groups).max(axis=-1) / 127.0
     safe = np.where(scale == 0, 1.0, scale)[..., None]
     codes = np.clip(np.rint(groups / safe), -127, 127).astype(np.int8)
@@ -208,15 +257,14 @@ def unpack_q8(words: np.ndarray) -> np.ndarray:
 def dequantize(packed: PackedWeight) -> np.ndarray:
     """The float32 matrix a packed weight stands for."""
     scale = packed.scale.astype(np.float32)[..., None]
-    if packed.storage == Q8_0:
+    if FORMATS[packed.storage].bits == 8:
         codes = unpack_q8(packed.weight).astype(np.float32)
-        rows, cols = codes.shape
-        return (scale * codes.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)).reshape(rows, cols)
-    codes = unpack_codes(packed.weight).astype(np.float32)
-    rows, cols = codes.shape
-    groups = codes.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
-    if packed.minimum is None:
-        values = scale * (groups - 8.0)
     else:
-        values = scale * groups + packed.minimum.astype(np.float32)[..., None]
+        codes = unpack_codes(packed.weight).astype(np.float32)
+        if packed.minimum is None:
+            codes = codes - 8.0
+    rows, cols = codes.shape
+    values = scale * codes.reshape(rows, cols // group_size(packed.storage), -1)
+    if packed.minimum is not None:
+        values = values + packed.minimum.astype(np.float32)[..., None]
     return values.reshape(rows, cols)

@@ -11,6 +11,7 @@ import ctypes
 import itertools
 import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,8 +54,9 @@ class KVCache:
 
     It mirrors which pages each sequence holds, as TVM's cache lays them out: a sequence's full
     pages may be shared (forks), its partly filled last page never is (a fork inside a page
-    copies it). So the engine can count the pages only some sequences hold, which TVM does not
-    say."""
+    copies it). So the engine can count the pages that only parked sequences hold (the prefix
+    cache's: `park`), which TVM does not say; the count is kept as sequences come and go, so
+    reading it costs nothing."""
 
     _add = _builtin("kv_state_add_sequence")
     _remove = _builtin("kv_state_remove_sequence")
@@ -72,6 +74,10 @@ class KVCache:
         self.lengths: dict[int, int] = {}  # tokens each sequence holds
         self._pages: dict[int, list[int]] = {}  # page labels (not TVM's ids) of each sequence
         self._next_page = itertools.count()
+        self._holders: Counter[int] = Counter()  # page -> the sequences holding it
+        self._active: Counter[int] = Counter()  # page -> those of them not parked
+        self._parked: set[int] = set()
+        self.parked_pages = 0  # pages that only parked sequences hold
 
     def add_sequence(self, seq_id: int) -> None:
         self._add(self.handle, seq_id)
@@ -79,7 +85,9 @@ class KVCache:
 
     def remove_sequence(self, seq_id: int) -> None:
         self._remove(self.handle, seq_id)
-        del self.lengths[seq_id], self._pages[seq_id]
+        self._count(self._pages.pop(seq_id), -1, seq_id not in self._parked)
+        self._parked.discard(seq_id)
+        del self.lengths[seq_id]
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         """The child shares the parent's full pages up to `fork_pos` (-1: all of its tokens);
@@ -89,14 +97,37 @@ class KVCache:
         shared = self._pages[parent_id][: length // self.page_size]
         copied = [next(self._next_page)] if length % self.page_size else []
         self.lengths[child_id], self._pages[child_id] = length, shared + copied
+        self._count(shared + copied, 1, True)
+
+    def park(self, seq_id: int) -> None:
+        """`seq_id` is kept only for others to fork from: its pages that no running sequence
+        holds count in `parked_pages`. It runs no more forward passes."""
+        self._count(self._pages[seq_id], -1, True, holders=False)
+        self._parked.add(seq_id)
+
+    def _count(self, pages: list[int], change: int, active: bool, holders: bool = True) -> None:
+        """Add `change` holders (active ones if `active`) to each page, keeping `parked_pages`."""
+        for page in pages:
+            was_parked = self._holders[page] > 0 and self._active[page] == 0
+            if holders:
+                self._holders[page] += change
+            if active:
+                self._active[page] += change
+            if self._holders[page] == 0:
+                del self._holders[page], self._active[page]
+                self.parked_pages -= was_parked
+            else:
+                self.parked_pages += (self._active[page] == 0) - was_parked
 
     def begin_forward(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         self._begin(self.handle, ShapeTuple(list(seq_ids)), ShapeTuple(list(lengths)))
         for seq_id, length in zip(seq_ids, lengths, strict=True):
             self.lengths[seq_id] += length
             pages = self._pages[seq_id]
-            while len(pages) * self.page_size < self.lengths[seq_id]:
-                pages.append(next(self._next_page))
+            added = -(-self.lengths[seq_id] // self.page_size) - len(pages)
+            new = [next(self._next_page) for _ in range(added)]
+            pages += new
+            self._count(new, 1, True)
 
     def end_forward(self) -> None:
         self._end(self.handle)
@@ -107,14 +138,14 @@ class KVCache:
     def total_sequence_length(self) -> int:
         return int(self._total_length(self.handle))
 
-    def pages_held_only_by(self, seq_ids: set[int]) -> int:
-        """The pages that removing all of `seq_ids` would free."""
-        others = {page for s, pages in self._pages.items() if s not in seq_ids for page in pages}
-        return len({page for s in seq_ids for page in self._pages[s]} - others)
-
     def pages_in_use(self) -> int:
         """By the mirror; equals `num_pages - free_pages()` unless the mirror is wrong."""
-        return len({page for pages in self._pages.values() for page in pages})
+        return len(self._holders)
+
+    def count_parked_pages(self) -> int:
+        """`parked_pages` counted from scratch over every page (slow), to check it."""
+        active = {p for s, pages in self._pages.items() if s not in self._parked for p in pages}
+        return len({page for s in self._parked for page in self._pages[s]} - active)
 
 
 class ModelRuntime:

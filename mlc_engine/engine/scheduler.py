@@ -1,7 +1,8 @@
 """Decide what each engine step computes: every running decode plus prefill chunks within a
 token budget, admitting waiting sequences while KV pages and `max_num_seqs` allow.
 
-A sequence admitted with a prefix in the prefix cache forks it and computes only the rest.
+A sequence admitted with a prefix that a running or finished sequence holds forks it and
+computes only the rest (engine/prefix_cache.py).
 When the KV cache cannot hold the next step, cached prefixes are evicted first; then the newest
 running sequence is preempted: its pages are freed and it goes back to the front of the queue,
 to be computed again later.
@@ -99,7 +100,7 @@ class Scheduler:
                 held = seq.token_ids[: self.kv_cache.lengths[seq.seq_id]]
                 self.prefix_cache.insert(seq.seq_id, held)
             else:
-                self.kv_cache.remove_sequence(seq.seq_id)
+                self._drop(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
@@ -131,9 +132,14 @@ class Scheduler:
             return None
         return self.prefix_cache.match(seq.token_ids)
 
+    def _drop(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(seq.seq_id)
+        self.kv_cache.remove_sequence(seq.seq_id)
+
     def _preempt_newest(self, batch: Batch) -> None:
         victim = self.running.pop()
-        self.kv_cache.remove_sequence(victim.seq_id)
+        self._drop(victim)
         victim.reset_for_recompute()
         self.waiting.appendleft(victim)
         batch.preempted.append(victim)
@@ -168,9 +174,10 @@ class Scheduler:
             hit = self._hit(seq)
             reserve = self.watermark + self._fork_pages(seq)
             chunk, free = self._admission_chunk(seq, hit, budget, free, reserve)
-            if chunk is None and hit is not None and self.prefix_cache is not None:
+            cache = self.prefix_cache
+            if chunk is None and hit and cache is not None and hit.holder_id in cache.entries:
                 # Its own pages may be what the rest needs: without it, as without the cache.
-                self.prefix_cache.remove(hit.entry_id)
+                cache.remove(hit.holder_id)
                 hit = None
                 chunk, free = self._admission_chunk(seq, hit, budget, free, reserve)
             if chunk is None:
@@ -200,7 +207,7 @@ class Scheduler:
         size = self.kv_cache.page_size
         wanted = pages_for(start + min(len(seq.token_ids) - start, budget), size)
         wanted -= pages_for(start, size)
-        free = self._reclaim(free, wanted + reserve, hit.entry_id if hit else None)
+        free = self._reclaim(free, wanted + reserve, hit.holder_id if hit else None)
         return self._chunk(seq, start, budget, free - reserve), free
 
     def _start(self, seq: Sequence, hit: Hit | None, batch: Batch) -> None:
@@ -213,6 +220,8 @@ class Scheduler:
             self.prefix_cache.fork(hit, seq.seq_id)
             seq.num_computed = seq.num_cached_tokens = hit.length
             batch.hit_tokens += hit.length
+        if self.prefix_cache is not None:
+            self.prefix_cache.admit(seq.seq_id, seq.token_ids)
         seq.status = Status.RUNNING
         self.running.append(seq)
 

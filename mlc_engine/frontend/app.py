@@ -10,24 +10,25 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from mlc_engine.frontend import docs, openai_routes, routes
+from mlc_engine.frontend import chat_page, docs, openai_routes, routes
 from mlc_engine.frontend.disconnect import ASGIApp, track_receive
 from mlc_engine.frontend.errors import APIError, UnauthorizedError
 from mlc_engine.frontend.service import Service
 from mlc_engine.frontend.settings import ServeSettings
 
 log = logging.getLogger("mlc_engine.serve")
-OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
+OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", f"{chat_page.STATIC_PREFIX}/")
 
 
 class APIKey:
-    """Every route but health, metrics and docs needs `Authorization: Bearer <key>`."""
+    """Every route but health, metrics, docs and the chat page (which asks for the key) needs
+    `Authorization: Bearer <key>`."""
 
     def __init__(self, key: str):
         self.expected = f"Bearer {key}"
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if req.method == "OPTIONS" or req.path.startswith(OPEN_PATHS):
+        if req.method == "OPTIONS" or req.path == "/" or req.path.startswith(OPEN_PATHS):
             return
         if req.get_header("Authorization") != self.expected:
             raise UnauthorizedError("a valid API key is needed: Authorization: Bearer <key>")
@@ -109,6 +110,8 @@ def create_app(settings: ServeSettings) -> ASGIApp:
     app.add_route("/openapi.json", docs.OpenAPI(title, settings.api_style))
     app.add_route("/docs", docs.SwaggerUI(title))
     app.add_static_route("/docs/static", str(docs.static_folder()))
+    app.add_route("/", chat_page.ChatPage())
+    app.add_static_route(chat_page.STATIC_PREFIX, str(chat_page.static_folder()))
     return track_receive(app)
 
 

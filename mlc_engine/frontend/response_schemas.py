@@ -172,12 +172,25 @@ class Capabilities(Reply):
     chat_template_takes_tools: bool
 
 
+class SamplingDefaults(Reply):
+    """What a request that leaves a sampling field out (or sends null) gets: the model's
+    recommendation (`sampling` in mlc-chat-config.json), else the neutral value."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+
+
 class Model(Reply):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
     capabilities: Capabilities
+    max_model_len: int = Field(description="The context window: prompt and answer, in tokens.")
+    sampling: SamplingDefaults
 
 
 class ModelList(Reply):

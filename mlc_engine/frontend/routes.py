@@ -91,6 +91,8 @@ class Models:
             "created": 0,
             "owned_by": "mlc-engine",
             "capabilities": self.service.capabilities(),
+            "max_model_len": self.service.config.context_window_size,
+            "sampling": self.service.sampling_defaults(),
         }
         resp.media = {"object": "list", "data": [model]}
 

@@ -157,6 +157,12 @@ class Service:
             "chat_template_takes_tools": self.template_takes_tools,
         }
 
+    def sampling_defaults(self) -> dict[str, float]:
+        """What a request that leaves out a sampling field gets: the model's recommendation,
+        else the engine's neutral value."""
+        neutral = SamplingParams()
+        return {name: getattr(neutral, name) for name in SAMPLING_FIELDS} | self.config.sampling
+
     def _grammar(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
         if isinstance(request, ChatCompletionRequest) and request.called_tools():
             return tool_grammar(request, self.tool_parser)

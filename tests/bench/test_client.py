@@ -13,9 +13,10 @@ import pytest
 
 from mlc_engine.bench.client import RequestResult, request_body, stream_request
 from mlc_engine.bench.run import Target, run_batch
-from mlc_engine.bench.workload import LoadLevel, Workload
+from mlc_engine.bench.workload import Conversation, LoadLevel, Workload
 
 URL = "http://127.0.0.1:1"
+HI = [{"role": "user", "content": "hi"}]
 
 
 def _sse(events: list[Any], delay: float = 0.0) -> Callable[[httpx.Request], httpx.Response]:
@@ -34,9 +35,7 @@ def _send(handler: Callable[[httpx.Request], httpx.Response], endpoint: str) -> 
     async def go() -> RequestResult:
         result = RequestResult(URL, "c=1", 0)
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            await stream_request(
-                client, URL, endpoint, request_body(endpoint, "m", "hi", 3), result
-            )
+            await stream_request(client, URL, endpoint, request_body(endpoint, "m", HI, 3), result)
         return result
 
     return asyncio.run(go())
@@ -86,11 +85,12 @@ def test_a_refused_connection_is_an_error() -> None:
 
 
 def test_request_bodies_ask_for_usage_and_a_fixed_length() -> None:
-    chat = request_body("chat", "m", "hello", 16)
-    assert chat["messages"] == [{"role": "user", "content": "hello"}] and "prompt" not in chat
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    chat = request_body("chat", "m", messages, 16)
+    assert chat["messages"] == messages and "prompt" not in chat
     assert chat["stream_options"] == {"include_usage": True}
     assert (chat["max_tokens"], chat["ignore_eos"], chat["stream"]) == (16, True, True)
-    assert request_body("completions", "m", "hello", 16)["prompt"] == "hello"
+    assert request_body("completions", "m", messages, 16)["prompt"] == "be brief\n\nhello"
 
 
 def test_a_batch_cancels_what_runs_past_its_time_limit() -> None:
@@ -98,14 +98,14 @@ def test_a_batch_cancels_what_runs_past_its_time_limit() -> None:
     few end, the one running at 0.5 s is cut off and the rest are never sent."""
     events = [_chat("a"), _chat("b"), "[DONE]"]
     workload = Workload("chat", 4, 2, 20, 10.0)
-    prompts = [(i, f"prompt {i}") for i in range(20)]
+    conversations = [Conversation(i, "", (f"prompt {i}",)) for i in range(20)]
 
     async def go() -> Any:
         transport = httpx.MockTransport(_sse(events, delay=0.03))
         async with httpx.AsyncClient(transport=transport) as client:
             target = Target(URL, "m")
             level = LoadLevel(concurrency=1)
-            return await run_batch(client, target, workload, level, prompts, [0.0] * 20, 0.5)
+            return await run_batch(client, target, workload, level, conversations, [0.0] * 20, 0.5)
 
     batch = asyncio.run(go())
     ended = len(batch.results)
@@ -115,3 +115,43 @@ def test_a_batch_cancels_what_runs_past_its_time_limit() -> None:
     assert batch.duration == pytest.approx(0.5, abs=0.1)
     for before, after in itertools.pairwise(batch.results):  # concurrency 1: one after another
         assert before.e2e is not None and after.sent_at >= before.sent_at + before.e2e
+
+
+def test_a_conversation_resends_its_history_with_each_reply() -> None:
+    """Two conversations of three turns at concurrency 1: each turn carries the system prompt,
+    the earlier messages and the replies as the server streamed them."""
+    sent: list[list[dict[str, str]]] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        messages = json.loads(request.content)["messages"]
+        sent.append(messages)
+        return _sse([_chat(f"re {len(sent)}"), _chat("!"), "[DONE]"])(request)
+
+    workload = Workload("chat", 4, 2, 2, 10.0, scenario="multi-turn", turns=3)
+    conversations = [Conversation(i, "sys", tuple(f"u{i}.{t}" for t in range(3))) for i in (0, 1)]
+
+    async def go() -> Any:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(reply)) as client:
+            level = LoadLevel(concurrency=1)
+            target = Target(URL, "m")
+            return await run_batch(client, target, workload, level, conversations, [0.0] * 2, 10)
+
+    batch = asyncio.run(go())
+    assert [(r.index, r.turn) for r in batch.results] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+    ]
+    assert batch.unfinished == 0 and all(r.ok for r in batch.results)
+    assert sent[2] == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "u0.0"},
+        {"role": "assistant", "content": "re 1!"},
+        {"role": "user", "content": "u0.1"},
+        {"role": "assistant", "content": "re 2!"},
+        {"role": "user", "content": "u0.2"},
+    ]
+    assert sent[3][1:] == [{"role": "user", "content": "u1.0"}]

@@ -87,6 +87,17 @@ def test_ratios_are_relative_to_the_baseline() -> None:
     assert out["request_throughput"] == pytest.approx(0.5)
     assert out["ttft_median"] == pytest.approx(2.0)
     assert out["e2e_median"] == pytest.approx(2.0)
+    assert out["itl_p99"] == pytest.approx(2.0)
+    assert out["long_ttft_median"] is None  # no long prompts outside a mixed workload
     # One token each: no time per output token, so no ratio rather than a division by zero.
     single = summary(1.0, [0.1])
     assert ratios(single, single)["tpot_median"] is None
+
+
+def test_long_prompts_have_a_time_to_first_token_of_their_own() -> None:
+    short = [_result(i, [0.1, 0.2], end=0.3, tokens=2) for i in range(3)]
+    long = _result(3, [2.0, 2.1], end=2.2, tokens=2)
+    long.long = True
+    s = summarize("http://a", "c=4", [Batch([*short, long], 2.2, 0)], asked_tokens=2)
+    assert s.long_ttft == Distribution(1, 2.0, 2.0, 2.0, 2.0)
+    assert s.ttft.count == 4

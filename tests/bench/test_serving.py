@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -21,23 +22,11 @@ from mlc_engine.bench.workload import PromptSource
 INPUT_WORDS, OUTPUT_TOKENS, REQUESTS = 16, 8, 4
 
 
-@pytest.fixture(scope="module")
-def run(tiny_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One benchmark run at concurrency 1 and 4: its stdout, JSON and output folder."""
-    folder = tmp_path_factory.mktemp("bench")
-    args = ["--concurrency", "1,4", "--num-requests", str(REQUESTS), "--max-seconds", "120"]
-    args += ["--input-len", str(INPUT_WORDS), "--output-len", str(OUTPUT_TOKENS)]
+def bench(url: str, folder: Path, *options: str) -> dict[str, Any]:
+    """`mlc-engine bench URL OPTIONS`: its stdout, JSON and output folder."""
+    args = ["--max-seconds", "120", "--output-dir", str(folder), *options]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlc_engine",
-            "bench",
-            tiny_server_url,
-            *args,
-            "--output-dir",
-            folder,
-        ],
+        [sys.executable, "-m", "mlc_engine", "bench", url, *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -45,6 +34,14 @@ def run(tiny_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
     assert result.returncode == 0, result.stderr
     data = json.loads((folder / "results.json").read_text())
     return {"stdout": result.stdout, "data": data, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One benchmark run at concurrency 1 and 4."""
+    args = ["--concurrency", "1,4", "--num-requests", str(REQUESTS)]
+    args += ["--input-len", str(INPUT_WORDS), "--output-len", str(OUTPUT_TOKENS)]
+    return bench(tiny_server_url, tmp_path_factory.mktemp("bench"), *args)
 
 
 @pytest.mark.slow
@@ -85,7 +82,8 @@ def test_token_counts_match_the_servers_usage(run: dict[str, Any], tiny_server_u
     data = run["data"]
     recorded = next(r for r in data["requests"] if r["level"] == "c=1")
     prompt = PromptSource.from_file().prompt(recorded["index"], INPUT_WORDS, data["run_id"])
-    body = request_body("chat", data["servers"][0]["model"], prompt, OUTPUT_TOKENS)
+    messages = [{"role": "user", "content": prompt}]
+    body = request_body("chat", data["servers"][0]["model"], messages, OUTPUT_TOKENS)
     body["stream"] = False
     del body["stream_options"]
     response = httpx.post(f"{tiny_server_url}/v1/chat/completions", json=body, timeout=120)
@@ -102,3 +100,24 @@ def test_plots_open_as_images(run: dict[str, Any]) -> None:
         assert path.stat().st_size > 0
         height, width, channels = matplotlib.image.imread(path).shape
         assert height > 200 and width > 400 and channels in (3, 4)
+
+
+@pytest.mark.slow
+def test_a_multi_turn_run_resends_each_conversation_and_hits_the_prefix_cache(
+    tiny_server_url: str, tmp_path: Path
+) -> None:
+    args = ["--scenario", "multi-turn", "--turns", "3", "--concurrency", "2"]
+    args += ["--num-requests", "2", "--input-len", "40", "--output-len", str(OUTPUT_TOKENS)]
+    data = bench(tiny_server_url, tmp_path, *args)["data"]
+    requests = data["requests"]
+    expected = [(index, turn) for index in (0, 1) for turn in range(3)]
+    assert sorted((r["index"], r["turn"]) for r in requests) == expected
+    for index in (0, 1):
+        turns = sorted((r for r in requests if r["index"] == index), key=lambda r: r["turn"])
+        assert all(r["error"] is None for r in turns)
+        for before, after in itertools.pairwise(turns):
+            # The history (the reply included) comes again, and the server found most of it.
+            assert after["prompt_tokens"] > before["prompt_tokens"] + before["output_tokens"]
+            assert after["cached_tokens"] >= before["prompt_tokens"] - 16
+    (summary,) = data["levels"][0]["summaries"]
+    assert summary["cached_tokens"] == sum(r["cached_tokens"] for r in requests)

@@ -84,3 +84,45 @@ def test_workload_rejects_what_it_cannot_run() -> None:
         )
         with pytest.raises(ValueError):
             Workload(**{**args, **bad})
+
+
+def test_each_scenario_sends_its_own_conversations() -> None:
+    source = PromptSource.from_file(DEFAULT_TEXT)
+    single = Workload("chat", 16, 8, 4, 10.0).conversation(source, 2, "ab12")
+    assert single.system == "" and single.turns == (source.prompt(2, 16, "ab12"),)
+
+    chat = Workload("chat", 16, 8, 4, 10.0, scenario="multi-turn", turns=3)
+    turns = [chat.conversation(source, i, "ab12").turns for i in range(4)]
+    assert all(len(t) == 3 for t in turns)
+    # No user message is sent twice in a run, nor shares its first words with another.
+    assert len({message.split()[0] for t in turns for message in t}) == 12
+
+    shared = Workload("chat", 16, 8, 4, 10.0, scenario="shared-prefix", system_words=800)
+    conversations = [shared.conversation(source, i, "ab12") for i in range(4)]
+    assert len({c.system for c in conversations}) == 1
+    assert len(conversations[0].system.split()) == 800
+    assert len({c.turns for c in conversations}) == 4
+
+    mixed = Workload("chat", 16, 8, 8, 10.0, scenario="mixed", long_words=300, long_every=4)
+    conversations = [mixed.conversation(source, i, "ab12") for i in range(8)]
+    assert [c.long for c in conversations] == [False, False, False, True] * 2
+    assert [len(c.turns[0].split()) for c in conversations[2:4]] == [16, 300]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"scenario": "chatty"},
+        {"scenario": "multi-turn", "turns": 1},
+        {"scenario": "multi-turn", "turns": 3, "endpoint": "completions"},
+        {"turns": 2},
+        {"scenario": "shared-prefix"},
+        {"system_words": 10},
+        {"scenario": "mixed", "long_words": 300},
+        {"long_words": 300, "long_every": 4},
+    ],
+)
+def test_workloads_that_do_not_add_up_are_refused(fields: dict) -> None:
+    arguments = {"endpoint": "chat", **fields}
+    with pytest.raises(ValueError):
+        Workload(input_words=16, output_tokens=8, num_requests=4, max_seconds=10, **arguments)

@@ -1,13 +1,16 @@
 """An independent NumPy forward pass of a Llama/Qwen2 model, from Hugging Face-named float weights.
 
 It follows the Hugging Face modelling code (rotate_half RoPE, GQA, SwiGLU), not ours, so the
-compiled model can be checked against it.
+compiled model can be checked against it. GGUF files' weights are dequantized by gguf-py
+(`gguf_weights`), not by the engine's converter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import gguf
 import numpy as np
 
 from mlc_engine.common.config import ModelConfig
@@ -106,3 +109,47 @@ def forward(
     x = _rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
     head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
     return into(x, head) @ w[head].T
+
+
+# llama.cpp's tensor names (GGUF) -> Hugging Face's, for the parts of a layer.
+_GGUF_LAYER_PARTS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_weights(path: Path) -> dict[str, np.ndarray]:
+    """A llama GGUF file's weights as float32 in Hugging Face names, dequantized by gguf-py's
+    own `gguf.quants` (not by the engine), q and k rows put back out of llama.cpp's RoPE order."""
+    reader = gguf.GGUFReader(path)
+    heads = {
+        "attn_q": int(reader.get_field("llama.attention.head_count").contents()),
+        "attn_k": int(reader.get_field("llama.attention.head_count_kv").contents()),
+    }
+    weights = {}
+    for tensor in reader.tensors:
+        shape = tuple(reversed([int(n) for n in tensor.shape]))
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        values = values.reshape(shape).astype(np.float32)
+        if tensor.name in _GGUF_TOP:
+            weights[_GGUF_TOP[tensor.name]] = values
+            continue
+        _, layer, part, suffix = tensor.name.split(".")
+        if part in heads:  # llama.cpp's permute: each head's two halves interleaved by rows
+            n_head = heads[part]
+            half = values.shape[0] // n_head // 2
+            values = values.reshape(n_head, half, 2, -1).swapaxes(1, 2).reshape(values.shape)
+        weights[f"model.layers.{layer}.{_GGUF_LAYER_PARTS[part]}.{suffix}"] = values
+    return weights

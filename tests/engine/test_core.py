@@ -46,6 +46,7 @@ def pages_free(engine: Engine) -> int:
     """Free KV pages, counting those only the prefix cache holds (checking the page mirror)."""
     kv = engine.kv_cache
     assert kv.pages_in_use() == kv.num_pages - kv.free_pages()
+    assert kv.count_parked_pages() == kv.parked_pages
     return engine.snapshot().kv_pages_free
 
 

@@ -17,11 +17,16 @@ from mlc_engine.engine.quantization import (
     Q4_0,
     Q4_1,
     Q8_0,
+    Q8_0_G16,
+    Q8_1,
+    Q8_1_G16,
     PackedWeight,
     blocked_shape,
     codes_per_word,
     dequantize,
     get_quantization,
+    group_size,
+    has_minimum,
     pack_codes,
     pack_q8,
     quantize_asymmetric,
@@ -56,10 +61,10 @@ def _matmul_func(
     residual), W stored as `storage` in the layout a library with `column_block` reads it."""
     words = (N, k_size // codes_per_word(storage))
     codes = te.placeholder(blocked_shape(words, column_block), "uint32", name="codes")
-    groups = blocked_shape((N, k_size // GROUP_SIZE), column_block)
+    groups = blocked_shape((N, k_size // group_size(storage)), column_block)
     scale = te.placeholder(groups, "float32", name="scale")
     minimum = te.placeholder(groups, "float32", name="minimum")
-    weights = [codes, scale, minimum] if storage == Q4_1 else [codes, scale]
+    weights = [codes, scale, minimum] if has_minimum(storage) else [codes, scale]
     read = _value_reader(codes, tuple(weights[1:]), storage)
     weight = te.compute((_int64(N), _int64(k_size)), read, name=DEQUANTIZE_BLOCK)
     x = te.placeholder((rows, _int64(1), _int64(k_size)), "float32", name="x")
@@ -79,9 +84,14 @@ def _matmul_func(
 def _packed_weight(storage: str, rng: np.random.Generator, k: int) -> PackedWeight:
     """A random [N, k] matrix, quantized as `storage`."""
     float_weight = rng.standard_normal((N, k)).astype(np.float32)
-    if storage == Q8_0:
-        codes, scale = quantize_q8(float_weight)
-        return PackedWeight(storage, pack_q8(codes), scale)
+    if storage in (Q8_0, Q8_0_G16, Q8_1, Q8_1_G16):
+        codes, scale = quantize_q8(float_weight, group_size(storage))
+        if not has_minimum(storage):
+            return PackedWeight(storage, pack_q8(codes), scale)
+        # Unsigned 5-bit codes with a minimum, as GGUF's Q5_1 and Q5_K hold them.
+        codes = (codes.astype(np.int16) + 128) // 8
+        minimum = rng.standard_normal(scale.shape).astype(np.float32)
+        return PackedWeight(storage, pack_q8(codes.astype(np.int8)), scale, minimum)
     if storage == Q4_1:
         codes, scale, minimum = quantize_asymmetric(float_weight)
         return PackedWeight(storage, pack_codes(codes), scale, minimum)
@@ -148,6 +158,12 @@ def _assert_int8_result(got: np.ndarray, x: np.ndarray, packed: PackedWeight) ->
         (Q8_0, True, 3, K),
         (Q8_0, False, 1, K),
         (Q8_0, False, 4, 1536),
+        (Q8_1, True, 13, K),
+        (Q8_1, False, 1, K),
+        (Q8_0_G16, True, 9, K),
+        (Q8_0_G16, False, 1, K),
+        (Q8_1_G16, False, 6, K),
+        (Q8_1_G16, True, 1, 1536),
     ],
 )
 @pytest.mark.parametrize("target", [TARGET, AVX2], ids=["host", "avx2"])
@@ -157,7 +173,8 @@ def test_kernel_rounds_activations_to_int8_and_nothing_else(
     func = _matmul_func(storage, has_residual, _int64(rows), k_size)
     operands = int8_gemm.operands(func, target)
     assert operands is not None  # the kernel applies
-    assert operands.bits == (8 if storage == Q8_0 else 4)
+    assert operands.bits == (4 if storage in (Q4_0, Q4_1) else 8)
+    assert (operands.group, operands.has_minimum) == (group_size(storage), has_minimum(storage))
     assert operands.vnni == int8_gemm.has_vnni(target)
     rng = np.random.default_rng(rows)
     packed = _packed_weight(storage, rng, k_size)
@@ -169,7 +186,7 @@ def test_kernel_rounds_activations_to_int8_and_nothing_else(
     _assert_int8_result(_run(run, x, packed, residual), x, packed)
 
 
-@pytest.mark.parametrize("storage", [Q4_1, Q8_0])
+@pytest.mark.parametrize("storage", [Q4_1, Q8_0, Q8_1_G16])
 def test_every_row_count_takes_the_int8_kernel(storage: str) -> None:
     """One kernel for a row count known only at run time, as in a decode step or a prefill."""
     func = schedule._schedule_matmul(
@@ -183,7 +200,7 @@ def test_every_row_count_takes_the_int8_kernel(storage: str) -> None:
         _assert_int8_result(_run(run, x, packed), x, packed)
 
 
-@pytest.mark.parametrize("storage", [Q4_1, Q8_0])
+@pytest.mark.parametrize("storage", [Q4_1, Q8_0, Q8_1_G16])
 def test_row_by_row_weights_keep_the_float_schedules(storage: str) -> None:
     """A library without blocks (float16, no AVX2) reads the same codes row by row."""
     func = schedule._schedule_matmul(

@@ -138,3 +138,48 @@ def test_a_small_kv_budget_evicts_cached_prefixes_and_refuses_nothing(tiny: Load
     engine = with_and_without(tiny, [together, *one_by_one], max_total_tokens=128)
     assert engine.stats.prefix_cache_hit_tokens > 0
     assert engine.stats.requests_failed == 0
+
+
+def test_a_prompt_forks_the_pages_a_running_sequence_has_computed(tiny: LoadedModel) -> None:
+    def later(engine: Engine) -> dict:
+        """ "a" runs its prompt and a few decodes, then "b" arrives while "a" is still running."""
+        outputs = {}
+        engine.add(greedy("a", HISTORY + [9] * 30, max_tokens=12))
+        for _ in range(4):
+            for output in engine.step():
+                outputs.setdefault((output.request_id, output.index), []).append(output)
+        assert engine.requests["a"][0].num_output_tokens == 4
+        outputs.update(answers(engine, [[greedy("b", HISTORY + [9] * 10 + [4, 5])]]))
+        return outputs
+
+    engine = Engine(tiny.runtime, EngineConfig(prefix_cache=True))
+    assert_same(later(engine), later(Engine(tiny.runtime, EngineConfig(prefix_cache=False))))
+    assert engine.stats.prefix_cache_hit_tokens == 48
+    assert pages_free(engine) == engine.kv_cache.num_pages
+
+
+def test_a_running_sequence_offers_only_the_pages_it_has_computed(tiny: LoadedModel) -> None:
+    # "a" and "b" are admitted in the same step: "a" has computed nothing yet, so "b" computes
+    # its whole prompt; "c", a step later, forks the two whole pages they computed.
+    engine = Engine(tiny.runtime, EngineConfig(prefix_cache=True))
+    short = HISTORY[:36] + [3]
+    engine.add(greedy("a", HISTORY, max_tokens=4))
+    engine.add(greedy("b", short, max_tokens=4))
+    engine.step()
+    assert engine.stats.prefix_cache_hit_tokens == 0
+    assert engine.stats.prefill_tokens == len(HISTORY) + len(short)
+    later = [[greedy("c", short, max_tokens=4)]]
+    cached = answers(engine, later)
+    assert engine.stats.prefix_cache_hit_tokens == 32
+    plain = answers(Engine(tiny.runtime, EngineConfig(prefix_cache=False)), later)
+    assert_same({("c", 0): cached[("c", 0)]}, plain)
+
+
+def test_a_preempted_holder_leaves_its_forks_their_pages(tiny: LoadedModel) -> None:
+    # Prompts that share two pages with the first, in a KV cache too small for all of them:
+    # the newest are preempted and computed again, and every answer stays as without the cache.
+    prompts = [HISTORY[:32] + [50 + i] * (12 + 3 * i) for i in range(4)]
+    rounds = [[greedy(f"r{i}", prompt, max_tokens=40) for i, prompt in enumerate(prompts)]]
+    engine = with_and_without(tiny, rounds, max_total_tokens=160)
+    assert engine.stats.preemptions > 0
+    assert engine.stats.prefix_cache_hit_tokens > 0

@@ -290,7 +290,7 @@ def test_requests_of_a_silent_frontend_are_aborted_after_its_lease(
         asyncio.run(main(started))
 
 
-def test_prefix_cache_hits_are_counted_and_it_is_off_by_default(
+def test_prefix_cache_hits_are_counted_and_it_is_on_by_default(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
     async def hits(engine: EngineProcess) -> tuple[int, int]:
@@ -302,7 +302,7 @@ def test_prefix_cache_hits_are_counted_and_it_is_off_by_default(
         await client.close()
         return stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens
 
-    with engine_process(tiny.folder, tmp_path / "on", "--prefix-cache") as started:
+    with engine_process(tiny.folder, tmp_path / "on") as started:
         assert asyncio.run(hits(started)) == (80, 32)
-    with engine_process(tiny.folder, tmp_path / "off") as started:
+    with engine_process(tiny.folder, tmp_path / "off", "--no-prefix-cache") as started:
         assert asyncio.run(hits(started)) == (0, 0)

@@ -57,7 +57,8 @@ EXPECTED_STORAGE = {
     "model.layers.0.self_attn.o_proj": "q4_1",  # Q4_0 blocks as q4_1, exactly
     "model.layers.0.mlp.gate_up_proj": "q4_1",
     "model.layers.0.mlp.down_proj": "q4_1",
-    "model.layers.1.self_attn.qkv_proj": "q8_0",  # the widest of Q4_1, Q4_1, Q8_0
+    # Q4_1, Q4_1 and Q8_0 blocks: 8-bit codes with a minimum hold all three exactly.
+    "model.layers.1.self_attn.qkv_proj": "q8_1",
     "model.layers.1.self_attn.o_proj": "float",
     "model.layers.1.mlp.gate_up_proj": "q8_0",
     "model.layers.1.mlp.down_proj": "float",
@@ -127,9 +128,10 @@ def test_8bit_and_float_tensors_are_carried_over_exactly(
 ) -> None:
     source = load_source(tiny_gguf)
     params = load_file(str(gguf_model.folder / PARAMS_FILE))
-    codes, scale = source.tensors["model.embed_tokens.weight"].q8_blocks()
-    np.testing.assert_array_equal(params["model.embed_tokens.q8.q_weight"].view(np.int8), codes)
-    np.testing.assert_array_equal(params["model.embed_tokens.q8.q_scale"], scale)
+    blocks = source.tensors["model.embed_tokens.weight"].blocks()
+    codes = params["model.embed_tokens.q8.q_weight"].view(np.int8)
+    np.testing.assert_array_equal(codes, blocks.codes)
+    np.testing.assert_array_equal(params["model.embed_tokens.q8.q_scale"], blocks.scale)
     o_proj = source.tensors["model.layers.1.self_attn.o_proj.weight"].to_float32()
     np.testing.assert_array_equal(params["model.layers.1.self_attn.o_proj.weight"], o_proj)
     weights = dequantized_hf_weights(gguf_model.folder, gguf_model.config)

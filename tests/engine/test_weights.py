@@ -82,6 +82,8 @@ def finish_gguf(
     for name, (array, kind) in tensors.items():
         if kind in (Q.F32, Q.F16):
             writer.add_tensor(name, array.astype(np.float32 if kind == Q.F32 else np.float16))
+        elif array.dtype == np.uint8:  # already the type's block bytes
+            writer.add_tensor(name, array, raw_dtype=kind)
         else:
             writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -139,23 +141,25 @@ def test_gguf_dequantization_matches_gguf_reference(qwen2_gguf: ModelSource) -> 
 def test_q4_blocks_rebuild_to_float32_exactly(qwen2_gguf: ModelSource) -> None:
     for name in ("k_proj", "v_proj"):  # stored as Q4_0 and Q4_1
         tensor = qwen2_gguf.tensors[f"model.layers.0.self_attn.{name}.weight"]
-        blocks = tensor.q4_blocks()
+        blocks = tensor.blocks()
         rows, cols = tensor.shape
-        assert blocks.codes.shape == (rows, cols) and blocks.codes.dtype == np.uint8
-        assert blocks.codes.max() <= 15
+        assert blocks.codes.shape == (rows, cols) and blocks.codes.dtype == np.int8
+        assert blocks.group == 32
         assert blocks.scale.shape == (rows, cols // 32) and blocks.scale.dtype == np.float32
         scale = np.repeat(blocks.scale, 32, axis=1)
         if tensor.kind == "Q4_0":
             assert blocks.minimum is None
-            rebuilt = scale * (blocks.codes.astype(np.float32) - 8)
+            assert blocks.codes.min() >= -8 and blocks.codes.max() <= 7
+            rebuilt = scale * blocks.codes.astype(np.float32)
         else:
             assert blocks.minimum is not None
+            assert blocks.codes.min() >= 0 and blocks.codes.max() <= 15
             rebuilt = scale * blocks.codes.astype(np.float32) + np.repeat(
                 blocks.minimum, 32, axis=1
             )
         np.testing.assert_array_equal(rebuilt, tensor.to_float32())
-    with pytest.raises(ValueError, match="Q8_0"):
-        qwen2_gguf.tensors["model.layers.0.self_attn.q_proj.weight"].q4_blocks()
+    with pytest.raises(ValueError, match="not a quantized block type"):
+        qwen2_gguf.tensors["model.layers.0.self_attn.q_proj.bias"].blocks()
 
 
 def test_gguf_metadata_fills_model_config(qwen2_gguf: ModelSource) -> None:
@@ -195,16 +199,18 @@ def test_llama_gguf_q_and_k_rows_come_back_in_hf_order(tmp_path: Path) -> None:
     read_k = source.tensors[layer + "k_proj.weight"]
     expected_k = dequantize(quantize(k, Q.Q4_1), Q.Q4_1)
     np.testing.assert_array_equal(read_k.to_float32(), expected_k)
-    np.testing.assert_array_equal(read_k.q4_blocks().to_float32(), expected_k)
+    np.testing.assert_array_equal(read_k.blocks().to_float32(), expected_k)
     expected_v = dequantize(quantize(weights["blk.0.attn_v.weight"], Q.Q4_0), Q.Q4_0)
     np.testing.assert_array_equal(source.tensors[layer + "v_proj.weight"].to_float32(), expected_v)
     assert not source.config.tie_word_embeddings and "lm_head.weight" in source.tensors
 
 
 def test_unsupported_gguf_tensor_type_is_named(tmp_path: Path) -> None:
-    tensors = {"blk.0.attn_v.weight": (hf_weights()["blk.0.attn_v.weight"], Q.Q5_0)}
-    path = write_gguf(tmp_path / "q5.gguf", "qwen2", tensors)
-    with pytest.raises(ValueError, match=r"blk\.0\.attn_v\.weight.*Q5_0"):
+    # IQ4_NL's blocks (18 bytes per 32 elements) as bytes: gguf-py cannot quantize to it.
+    rows = KV_HEADS * HEAD_DIM
+    tensors = {"blk.0.attn_v.weight": (np.zeros((rows, HIDDEN // 32 * 18), np.uint8), Q.IQ4_NL)}
+    path = write_gguf(tmp_path / "iq4.gguf", "qwen2", tensors)
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_v\.weight.*IQ4_NL"):
         load_source(path)
 
 

@@ -88,3 +88,21 @@ def test_serve_shows_the_models_defaults_at_start(
     where = greedy_model / CONFIG_FILE
     shown = f"sampling defaults from {where}: temperature 0 (a request's own values win)\n"
     assert shown in greedy_server[1].read_text()
+
+
+def test_models_route_reports_the_defaults_a_request_gets(
+    greedy_url: str, tiny_server_url: str
+) -> None:
+    def model(url: str) -> dict:
+        return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+
+    neutral = {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+    }
+    assert model(tiny_server_url)["sampling"] == neutral
+    assert model(greedy_url)["sampling"] == neutral | {"temperature": 0.0}
+    assert model(greedy_url)["max_model_len"] == 1024

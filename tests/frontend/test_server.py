@@ -8,13 +8,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import running_server, serve_command
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -218,15 +216,6 @@ def test_openapi_lists_every_endpoint_and_docs_are_served(tiny_server_url: str) 
     assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
     script = httpx.get(f"{tiny_server_url}/docs/static/swagger-ui-bundle.js")
     assert script.status_code == 200 and len(script.content) > 100_000
-
-
-@pytest.fixture(scope="module")
-def guarded_server(tiny_chat_model: Path) -> Iterator[str]:
-    """One sequence at a time, no queue, an API key: for 429 and 401."""
-    options = ("--max-num-seqs", "1", "--max-queue", "0", "--api-key", "sesame")
-    options += ("--allowed-origin", "http://app.example")
-    with running_server(serve_command(tiny_chat_model, *options)) as url:
-        yield url
 
 
 def test_api_key_is_required_when_set(guarded_server: str) -> None:

@@ -15,12 +15,13 @@ from tvm.relax.frontend import nn
 from mlc_engine.engine.quantization import (
     CODES_PER_WORD,
     FLOAT,
+    FORMATS,
     GROUP_SIZE,
-    Q4_1,
-    Q8_0,
     Quantization,
     blocked_shape,
     codes_per_word,
+    group_size,
+    has_minimum,
     packed_name,
 )
 
@@ -47,14 +48,21 @@ def _q4_value(
 
 
 def _q8_value(
-    weight: te.Tensor, scale: te.Tensor, row: tirx.PrimExpr, k: tirx.PrimExpr
+    weight: te.Tensor,
+    scale: te.Tensor,
+    minimum: te.Tensor | None,
+    group: int,
+    row: tirx.PrimExpr,
+    k: tirx.PrimExpr,
 ) -> tirx.PrimExpr:
-    """Element [row, k] of a packed 8-bit matrix: byte k % 4 of its word, sign-extended."""
+    """Element [row, k] of a packed 8-bit matrix: byte k % 4 of its word, sign-extended, in
+    groups of `group`."""
     word = _at(weight, row, k // 4)
-    # The byte shifted to the top of the word, then arithmetically back down.
-    top = word << ((3 - k % 4) * 8).astype("uint32")
-    code = tirx.reinterpret("int32", top) >> tirx.const(24, "int32")
-    return _at(scale, row, k // GROUP_SIZE) * code.astype(scale.dtype)
+    # The byte shifted down and truncated to int8, which takes its sign. (Shifting it up to the
+    # top with `(3 - k % 4) * 8` made CUDA's lowering fold a negative uint32 constant.)
+    byte = (word >> ((k % 4) * 8).astype("uint32")) & tirx.const(0xFF, "uint32")
+    value = _at(scale, row, k // group) * byte.astype("int8").astype(scale.dtype)
+    return value if minimum is None else value + _at(minimum, row, k // group)
 
 
 def _at(array: te.Tensor, row: tirx.PrimExpr, column: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -68,15 +76,15 @@ def _at(array: te.Tensor, row: tirx.PrimExpr, column: tirx.PrimExpr) -> tirx.Pri
 
 class QuantizedWeight(nn.Module):
     """A [rows, cols] weight matrix stored as packed 4- or 8-bit codes with per-group scales
-    (and minimums, for `q4_1`)."""
+    (and minimums, for storages with them)."""
 
     def __init__(self, rows: int, cols: int, storage: str, quant: Quantization) -> None:
         self.storage = storage
         words = blocked_shape((rows, cols // codes_per_word(storage)), quant.column_block)
-        groups = blocked_shape((rows, cols // GROUP_SIZE), quant.column_block)
+        groups = blocked_shape((rows, cols // group_size(storage)), quant.column_block)
         self.q_weight = nn.Parameter(words, "uint32")
         self.q_scale = nn.Parameter(groups, quant.dtype)
-        self.q_min = nn.Parameter(groups, quant.dtype) if storage == Q4_1 else None
+        self.q_min = nn.Parameter(groups, quant.dtype) if has_minimum(storage) else None
 
     def tensors(self) -> list[nn.Tensor]:
         return [self.q_weight, self.q_scale] + ([self.q_min] if self.q_min is not None else [])
@@ -89,9 +97,10 @@ def _value_reader(
     quantized one)."""
     if storage == FLOAT:
         return lambda row, k: w[row, k]
-    if storage == Q8_0:
-        return lambda row, k: _q8_value(w, q[0], row, k)
-    minimum = q[1] if storage == Q4_1 else None
+    minimum = q[1] if has_minimum(storage) else None
+    if FORMATS[storage].bits == 8:
+        group = group_size(storage)
+        return lambda row, k: _q8_value(w, q[0], minimum, group, row, k)
     return lambda row, k: _q4_value(w, q[0], minimum, row, k)
 
 

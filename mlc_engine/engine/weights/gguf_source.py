@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGUFReader, ReaderTensor
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.weights.gguf_blocks import QUANTIZED_KINDS
 from mlc_engine.engine.weights.gguf_tokenizer import tokenizer_json_from_reader
 from mlc_engine.engine.weights.sampling_defaults import recommended_sampling
 from mlc_engine.engine.weights.source import (
@@ -25,7 +26,7 @@ from mlc_engine.engine.weights.source import (
     stop_token_ids,
 )
 
-KINDS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+KINDS = ("F32", "F16", "BF16", *QUANTIZED_KINDS)
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",

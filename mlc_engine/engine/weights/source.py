@@ -2,8 +2,9 @@
 
 A source is either a GGUF file or a Hugging Face folder of safetensors. Both are read into the same
 shape: Hugging Face parameter names and layouts, the stored data untouched (memory-mapped where the
-file allows), and a `ModelConfig` filled from the file's metadata. GGUF 4-bit blocks stay available
-as blocks, so a converter can keep them without rounding them a second time.
+file allows), and a `ModelConfig` filled from the file's metadata. GGUF's quantized blocks stay
+available as codes with their scales (`gguf_blocks.py`), so a converter can keep them without
+rounding them a second time.
 """
 
 from __future__ import annotations
@@ -15,37 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from mlc_engine.common.config import ModelConfig
+from mlc_engine.engine.weights.gguf_blocks import QUANTIZED_KINDS, Blocks, decode
 
-BLOCK = 32  # elements per block in every GGUF type read here
-# Bytes per block and the offset of the packed codes within it.
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-Q4_CODES_AT = {"Q4_0": 2, "Q4_1": 4}
 # Tokens that end an assistant turn in common chat templates; generation must stop there too.
 CHAT_STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
-
-
-@dataclass
-class Q4Blocks:
-    """4-bit codes with one scale (and for Q4_1 one minimum) per 32 consecutive elements of a row.
-
-    Symmetric (GGUF Q4_0): value = scale * (code - 8); asymmetric (GGUF Q4_1): value = scale * code
-    + minimum.
-    """
-
-    codes: np.ndarray  # uint8 [rows, cols], each 0..15
-    scale: np.ndarray  # float32 [rows, cols // 32]
-    minimum: np.ndarray | None  # float32 [rows, cols // 32]; None for symmetric blocks
-
-    def to_float32(self) -> np.ndarray:
-        """The values the blocks stand for, [rows, cols], computed as GGML does."""
-        rows, cols = self.codes.shape
-        codes = self.codes.reshape(rows, cols // BLOCK, BLOCK).astype(np.float32)
-        scale = self.scale[:, :, None]
-        if self.minimum is None:
-            values = scale * (codes - np.float32(8))
-        else:
-            values = scale * codes + self.minimum[:, :, None]
-        return values.reshape(rows, cols)
 
 
 @dataclass
@@ -58,7 +32,7 @@ class SourceTensor:
 
     name: str
     shape: tuple[int, ...]
-    kind: str  # "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"
+    kind: str  # "F32", "F16", "BF16", or a GGUF block type (`gguf_blocks.QUANTIZED_KINDS`)
     data: np.ndarray
 
     def to_float32(self) -> np.ndarray:
@@ -68,44 +42,14 @@ class SourceTensor:
         if self.kind == "BF16":
             bits = np.asarray(self.data).view(np.uint16).astype(np.uint32) << 16
             return bits.view(np.float32).reshape(self.shape)
-        if self.kind == "Q8_0":
-            codes, scale = self.q8_blocks()
-            rows = codes.shape[0]
-            values = codes.reshape(rows, -1, BLOCK).astype(np.float32) * scale[..., None]
-            return values.reshape(self.shape)
-        return self.q4_blocks().to_float32().reshape(self.shape)
+        return self.blocks().to_float32().reshape(self.shape)
 
-    def q8_blocks(self) -> tuple[np.ndarray, np.ndarray]:
-        """A Q8_0 tensor's codes (int8 [rows, cols]) and scales (float32 [rows, cols // 32]),
-        exactly as stored."""
-        if self.kind != "Q8_0":
-            raise ValueError(f"{self.name} is {self.kind}, not Q8_0")
-        blocks = self._blocks()
-        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
-        return codes.reshape(blocks.shape[0], -1), _half(blocks, 0)
-
-    def q4_blocks(self) -> Q4Blocks:
-        """The stored 4-bit codes, scales and minimums of a Q4_0/Q4_1 tensor, exactly as stored."""
-        if self.kind not in Q4_CODES_AT:
-            raise ValueError(f"{self.name} is {self.kind}, not a 4-bit block type")
-        blocks = self._blocks()
-        packed = blocks[..., Q4_CODES_AT[self.kind] :]
-        # Each byte holds element j in its low nibble and element j + 16 in its high nibble.
-        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
-        rows = blocks.shape[0]
-        minimum = _half(blocks, 2) if self.kind == "Q4_1" else None
-        return Q4Blocks(codes.reshape(rows, -1), _half(blocks, 0), minimum)
-
-    def _blocks(self) -> np.ndarray:
-        """The block bytes as [rows, blocks_per_row, bytes_per_block]."""
+    def blocks(self) -> Blocks:
+        """A quantized tensor's codes, scales and minimums, exactly as stored."""
+        if self.kind not in QUANTIZED_KINDS:
+            raise ValueError(f"{self.name} is {self.kind}, not a quantized block type")
         rows = int(np.prod(self.shape[:-1], dtype=np.int64))
-        return np.asarray(self.data).reshape(rows, self.shape[-1] // BLOCK, BLOCK_BYTES[self.kind])
-
-
-def _half(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The float16 stored at byte `at` of every block, as float32 [rows, blocks_per_row]."""
-    raw = np.ascontiguousarray(blocks[..., at : at + 2])
-    return raw.view(np.float16)[..., 0].astype(np.float32)
+        return decode(self.kind, np.asarray(self.data).reshape(rows, -1), self.shape[-1])
 
 
 @dataclass
