@@ -53,11 +53,20 @@ def _unavailable(device: Device) -> str | None:
 # scripts/build-tvm.sh --vulkan builds a TVM with it; Mesa's lavapipe is a Vulkan device.
 VULKAN_MISSING = _unavailable(VULKAN)
 requires_vulkan = pytest.mark.skipif(VULKAN_MISSING is not None, reason=str(VULKAN_MISSING))
-# The PyPI wheel generates CUDA code without a GPU; a TVM built from source may not.
-requires_cuda_codegen = pytest.mark.skipif(
-    tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
-    reason="this TVM build has no CUDA code generator (built with USE_CUDA=OFF)",
-)
+
+
+def _requires_codegen(kind: str, name: str) -> pytest.MarkDecorator:
+    """Skip unless this TVM build generates code for `kind` (no device needed)."""
+    return pytest.mark.skipif(
+        tvm.get_global_func(f"target.build.{kind}", allow_missing=True) is None,
+        reason=f"this TVM build has no {name} code generator (USE_{kind.upper()}=OFF)",
+    )
+
+
+# The PyPI wheel generates CUDA code without a GPU; a TVM built from source may not, and only
+# one built with scripts/build-tvm.sh --vulkan generates Vulkan code.
+requires_cuda_codegen = _requires_codegen("cuda", "CUDA")
+requires_vulkan_codegen = _requires_codegen("vulkan", "Vulkan")
 
 # Strings that trip tokenizers up: scripts, emoji sequences, whitespace runs, code, special tokens.
 TRICKY_STRINGS = [
