@@ -1,6 +1,6 @@
 import pytest
 import tvm
-from conftest import requires_cuda_codegen
+from conftest import requires_cuda_codegen, requires_vulkan_codegen
 from tvm.target import codegen
 
 from mlc_engine.common.device import (
@@ -110,6 +110,14 @@ def test_cuda_target_builds_without_a_gpu() -> None:
     assert str(target.attrs["arch"]).startswith("sm_")
     assert target.host is not None
     assert target.host.kind.name == "llvm"
+
+
+@requires_vulkan_codegen
+def test_vulkan_target_without_the_device_assumes_a_plain_gpu() -> None:
+    target = tvm_target(parse_device("vulkan:9"))  # an index no machine has
+    assert target.kind.name == "vulkan"
+    assert bool(target.attrs["supports_float16"]) and bool(target.attrs["supports_int64"])
+    assert int(target.attrs["thread_warp_size"]) == 1
 
 
 def test_target_for_a_kind_this_tvm_cannot_generate_names_the_missing_code_generator() -> None:
