@@ -22,11 +22,13 @@ from typing import IO
 import httpx
 import numpy as np
 import pytest
+import tvm
 from safetensors.numpy import save_file
 
 from mlc_engine.common.client import EngineClient
 from mlc_engine.common.config import ModelConfig
-from mlc_engine.common.device import Device, tvm_device, tvm_target
+from mlc_engine.common.device import Device, resolve_device, tvm_device, tvm_target
+from mlc_engine.common.errors import DeviceError
 from mlc_engine.engine.compiler import compile_model
 from mlc_engine.engine.convert import convert
 from mlc_engine.engine.greedy import GreedySession
@@ -35,7 +37,36 @@ from mlc_engine.engine.runtime import ModelRuntime
 from mlc_engine.frontend.text import ChatTemplate, IncrementalDetokenizer, Tokenizer
 
 CPU = Device("cpu")
+VULKAN = Device("vulkan")
 SMOLLM2_GGUF = default_model_gguf()
+
+
+def _unavailable(device: Device) -> str | None:
+    try:
+        resolve_device(device)
+    except DeviceError as error:
+        return str(error)
+    return None
+
+
+# Why the Vulkan tests skip here (no Vulkan in this TVM build, or no Vulkan device), or None.
+# scripts/build-tvm.sh --vulkan builds a TVM with it; Mesa's lavapipe is a Vulkan device.
+VULKAN_MISSING = _unavailable(VULKAN)
+requires_vulkan = pytest.mark.skipif(VULKAN_MISSING is not None, reason=str(VULKAN_MISSING))
+
+
+def _requires_codegen(kind: str, name: str) -> pytest.MarkDecorator:
+    """Skip unless this TVM build generates code for `kind` (no device needed)."""
+    return pytest.mark.skipif(
+        tvm.get_global_func(f"target.build.{kind}", allow_missing=True) is None,
+        reason=f"this TVM build has no {name} code generator (USE_{kind.upper()}=OFF)",
+    )
+
+
+# The PyPI wheel generates CUDA code without a GPU; a TVM built from source may not, and only
+# one built with scripts/build-tvm.sh --vulkan generates Vulkan code.
+requires_cuda_codegen = _requires_codegen("cuda", "CUDA")
+requires_vulkan_codegen = _requires_codegen("vulkan", "Vulkan")
 
 # Strings that trip tokenizers up: scripts, emoji sequences, whitespace runs, code, special tokens.
 TRICKY_STRINGS = [
@@ -151,13 +182,15 @@ class LoadedModel:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., LoadedModel]:
-    """`tiny_model(quantization, variant="llama", kv_dtype="")`: converted from a Hugging Face
-    folder of random weights, compiled (with a KV cache of `kv_dtype`, if not the default) and
-    loaded; each variant once per session."""
-    loaded: dict[tuple[str, str, str], LoadedModel] = {}
+    """`tiny_model(quantization, variant="llama", kv_dtype="", device=CPU)`: converted from a
+    Hugging Face folder of random weights, compiled for `device` (with a KV cache of
+    `kv_dtype`, if not the default) and loaded there; each variant once per session."""
+    loaded: dict[tuple[str, str, str, Device], LoadedModel] = {}
 
-    def load(quantization: str, variant: str = "llama", kv_dtype: str = "") -> LoadedModel:
-        key = (quantization, variant, kv_dtype)
+    def load(
+        quantization: str, variant: str = "llama", kv_dtype: str = "", device: Device = CPU
+    ) -> LoadedModel:
+        key = (quantization, variant, kv_dtype, device)
         if key not in loaded:
             root = tmp_path_factory.mktemp(f"tiny-{variant}-{quantization}")
             hf_folder = root / "hf"
@@ -174,10 +207,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Loaded
             convert(hf_folder, quantization, folder, model_name="tiny")
             if kv_dtype:
                 lib = root / "model.so"
-                compile_model(ModelConfig.load(folder), tvm_target(CPU), lib, kv_dtype=kv_dtype)
+                compile_model(ModelConfig.load(folder), tvm_target(device), lib, kv_dtype=kv_dtype)
             else:
-                lib = prepare_library(folder, CPU)
-            loaded[key] = LoadedModel(folder, ModelRuntime(lib, folder, tvm_device(CPU)), weights)
+                lib = prepare_library(folder, device)
+            runtime = ModelRuntime(lib, folder, tvm_device(device))
+            loaded[key] = LoadedModel(folder, runtime, weights)
         return loaded[key]
 
     return load
@@ -309,7 +343,7 @@ def running_server(
 REPEATABLE = ("--no-prefix-cache", "--max-step-ms", "0")
 
 
-def serve_command(folder: Path, *options: str) -> list[str]:
+def serve_command(folder: Path, *options: str, device: str = "cpu") -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -318,7 +352,7 @@ def serve_command(folder: Path, *options: str) -> list[str]:
         "--model",
         str(folder),
         "--device",
-        "cpu",
+        device,
         *options,
     ]
 

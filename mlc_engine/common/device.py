@@ -63,11 +63,16 @@ def parse_device(text: str) -> Device:
 
 
 def resolve_device(device: Device) -> Device:
-    """Return `device` if it can be used here (`auto` picks a kind), else raise DeviceError."""
+    """Return `device` if it can be used here (`auto` picks a kind), else raise DeviceError.
+
+    `auto` passes over a Vulkan device that is the CPU itself (Mesa's lavapipe): it runs the
+    same cores as the CPU kernels, several times slower. Ask for `vulkan` to use one."""
     if device.kind == "auto":
         candidates = (Device(kind, device.index if kind != "cpu" else 0) for kind in AUTO_ORDER)
         # The CPU is always available, so this always finds one.
-        return next(c for c in candidates if _unavailable_reason(c) is None)
+        return next(
+            c for c in candidates if _unavailable_reason(c) is None and not _is_software_gpu(c)
+        )
     reason = _unavailable_reason(device)
     if reason is not None:
         raise DeviceError(f"device '{device.name}' is not available: {reason}")
@@ -102,6 +107,8 @@ def tvm_target(device: Device, num_threads: int | None = None) -> tvm.target.Tar
         )
     if device.kind == "cuda":
         return tvm.target.Target(_cuda_target(device), host=host)
+    if device.kind == "vulkan":
+        return tvm.target.Target(_vulkan_target(device), host=host)
     return tvm.target.Target({"kind": device.kind}, host=host)
 
 
@@ -133,6 +140,18 @@ def _device_exists(device: Device) -> bool:
         return bool(tvm.runtime.device(device.kind, device.index).exist)
     except Exception:
         return False
+
+
+def _is_software_gpu(device: Device) -> bool:
+    """Whether `device` is a Vulkan driver that computes on the CPU (its device type `cpu`)."""
+    return device.kind == "vulkan" and _vulkan_property(device, "device_type") == "cpu"
+
+
+def _vulkan_property(device: Device, name: str) -> object:
+    import tvm
+
+    query = tvm.get_global_func("device_api.vulkan.get_target_property")
+    return query(tvm.runtime.device("vulkan", device.index), name)
 
 
 def _host_llvm_target(num_threads: int | None) -> dict[str, Any]:
@@ -184,6 +203,28 @@ def _cuda_target(device: Device) -> dict[str, Any]:
         "max_shared_memory_per_block": int(gpu.max_shared_memory_per_block),
         "max_threads_per_block": int(gpu.max_threads_per_block),
         "thread_warp_size": int(gpu.warp_size),
+    }
+
+
+def _vulkan_target(device: Device) -> dict[str, Any]:
+    """The Vulkan target, read from the device when there is one (TVM queries its limits and
+    features), else for a GPU with 16-bit floats and storage, 64-bit integers and no subgroup
+    operations."""
+    if _device_exists(device):
+        return {"kind": "vulkan", "from_device": device.index}
+    return {
+        "kind": "vulkan",
+        "max_threads_per_block": 256,
+        "max_num_threads": 256,
+        "max_shared_memory_per_block": 32768,
+        "thread_warp_size": 1,
+        "supports_float16": True,
+        "supports_int8": True,
+        "supports_int16": True,
+        "supports_int64": True,
+        "supports_8bit_buffer": True,
+        "supports_16bit_buffer": True,
+        "supports_storage_buffer_storage_class": True,
     }
 
 

@@ -21,6 +21,7 @@ from tvm.relax.backend.cpu_generic import pipeline as generic
 from mlc_engine.common.config import ModelConfig
 from mlc_engine.engine.model.llama import LlamaForCausalLM
 from mlc_engine.engine.schedule import schedule_cpu_kernels
+from mlc_engine.engine.tvm_compat import StringImm
 
 # The sources whose change changes the compiled code: part of every library's cache key, so a
 # changed schedule or model definition never runs from a stale library.
@@ -30,6 +31,7 @@ _CODEGEN_SOURCES = (
     "int8_gemm.py",
     "quantization.py",
     "model/*.py",
+    "tvm_compat.py",
 )
 
 
@@ -134,7 +136,7 @@ def _with_size_bounds(mod: tvm.IRModule) -> tvm.IRModule:
 def _with_metadata(mod: tvm.IRModule, model: LlamaForCausalLM) -> tvm.IRModule:
     builder = relax.BlockBuilder()
     with builder.function(METADATA_FUNCTION, []):
-        builder.emit_func_output(tvm.ir.StringImm(json.dumps(library_metadata(model))))
+        builder.emit_func_output(StringImm(json.dumps(library_metadata(model))))
     mod[METADATA_FUNCTION] = builder.get()[METADATA_FUNCTION]
     return mod
 

@@ -52,6 +52,7 @@ from tvm.script import tirx as T
 
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import COLUMN_BLOCK, GROUP_SIZE, Quantization
+from mlc_engine.engine.tvm_compat import Analyzer
 
 LARGEST_CODE = 127  # int8 activations
 # Rows a tile runs over the same codes: each takes two registers (its float and int sums), so 4
@@ -156,7 +157,7 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
     rows: tirx.PrimExpr = tirx.IntImm("int64", 1)
     for d in x.shape[:-1]:
         rows = rows * d.astype("int64")
-    rows = tvm.sym.Analyzer().simplify(rows)
+    rows = Analyzer().simplify(rows)
     n = blocks_of_columns * COLUMN_BLOCK
     wide = codegen.llvm_cpu_has_features(["avx512vl"], target)
     row_tile = WIDE_ROW_TILE if wide else ROW_TILE

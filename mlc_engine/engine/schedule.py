@@ -28,6 +28,7 @@ from tvm import s_tir, tirx
 from mlc_engine.engine import int8_gemm
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
+from mlc_engine.engine.tvm_compat import Analyzer, SBlock, SBlockRealize
 
 GEMV_COLUMNS_PER_TASK = 16
 # Columns a matrix-vector tile works on at once, by its row tile (the accumulators in flight are
@@ -210,7 +211,7 @@ def _schedule_matmul(func: tirx.PrimFunc, lanes: int, target: tvm.target.Target)
     body = variants[-1][1]
     for bound, variant in reversed(variants[:-1]):
         body = tirx.IfThenElse(rows <= bound, variant, body)
-    root = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
+    root = SBlockRealize([], True, SBlock([], [], [], "root", body))
     return func.with_body(root).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
 
 
@@ -218,7 +219,7 @@ def _extent_product(sch: s_tir.Schedule, loops: list[s_tir.schedule.LoopRV]) -> 
     count: tirx.PrimExpr = tirx.IntImm("int64", 1)
     for loop in loops:
         count = count * sch.get(loop).extent.astype("int64")
-    return tvm.sym.Analyzer().simplify(count)
+    return Analyzer().simplify(count)
 
 
 def _blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
@@ -235,7 +236,7 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
         larger = [
             c
             for c in consumers
-            if not tvm.sym.Analyzer().can_prove(_extent_product(sch, sch.get_loops(c)) <= size)
+            if not Analyzer().can_prove(_extent_product(sch, sch.get_loops(c)) <= size)
         ]
         if not consumers or larger:
             continue
@@ -303,8 +304,8 @@ def _schedule_elementwise(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     # Both variants allocate the same intermediate buffers: once, in a root block around them.
     serial_root, parallel_root = serial.mod["main"].body.block, parallel.mod["main"].body.block
     body = tirx.IfThenElse(work >= PARALLEL_MIN_WORK, parallel_root.body, serial_root.body)
-    root = s_tir.SBlock([], [], [], "root", body, alloc_buffers=list(serial_root.alloc_buffers))
-    realize = s_tir.SBlockRealize([], True, root)
+    root = SBlock([], [], [], "root", body, alloc_buffers=list(serial_root.alloc_buffers))
+    realize = SBlockRealize([], True, root)
     return func.with_body(realize).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
 
 

@@ -1,5 +1,6 @@
 import pytest
 import tvm
+from conftest import requires_cuda_codegen, requires_vulkan_codegen
 from tvm.target import codegen
 
 from mlc_engine.common.device import (
@@ -63,6 +64,15 @@ def test_auto_picks_a_gpu_when_there_is_one_else_cpu() -> None:
         assert resolved == Device("cpu", 0)
 
 
+def test_auto_passes_over_a_vulkan_device_that_is_the_cpu() -> None:
+    if not _has_gpu("vulkan") or _has_gpu("cuda"):
+        pytest.skip("needs a Vulkan device and no CUDA GPU")
+    query = tvm.get_global_func("device_api.vulkan.get_target_property")
+    if str(query(tvm.runtime.device("vulkan", 0), "device_type")) != "cpu":
+        pytest.skip("this machine's Vulkan device is a GPU")
+    assert resolve_device(parse_device("auto")) == Device("cpu", 0)
+
+
 @pytest.mark.parametrize(
     ("kind", "support"),
     [("vulkan", "Vulkan"), ("metal", "Metal"), ("rocm", "ROCm"), ("opencl", "OpenCL")],
@@ -93,12 +103,21 @@ def test_cpu_target_is_this_host() -> None:
     assert int(target.attrs["num-cores"]) == 3
 
 
+@requires_cuda_codegen
 def test_cuda_target_builds_without_a_gpu() -> None:
     target = tvm_target(parse_device("cuda"))
     assert target.kind.name == "cuda"
     assert str(target.attrs["arch"]).startswith("sm_")
     assert target.host is not None
     assert target.host.kind.name == "llvm"
+
+
+@requires_vulkan_codegen
+def test_vulkan_target_without_the_device_assumes_a_plain_gpu() -> None:
+    target = tvm_target(parse_device("vulkan:9"))  # an index no machine has
+    assert target.kind.name == "vulkan"
+    assert bool(target.attrs["supports_float16"]) and bool(target.attrs["supports_int64"])
+    assert int(target.attrs["thread_warp_size"]) == 1
 
 
 def test_target_for_a_kind_this_tvm_cannot_generate_names_the_missing_code_generator() -> None:

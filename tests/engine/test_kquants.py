@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import reference
 import tvm
-from conftest import CPU, LoadedModel
+from conftest import CPU, LoadedModel, requires_cuda_codegen, requires_vulkan_codegen
 from test_int8_gemm import AVX2, int8_rounded
 from test_model import _relative_error, _rounded_weights
 
@@ -178,7 +178,14 @@ def _check_prompts_and_decodes(
         assert _relative_error(logits[seq_id], expected[-1]) < 5e-2
 
 
-def test_every_storage_cross_compiles_for_cuda(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("cuda", marks=requires_cuda_codegen),
+        pytest.param("vulkan", marks=requires_vulkan_codegen),
+    ],
+)
+def test_every_storage_cross_compiles_for_gpus(tmp_path: Path, kind: str) -> None:
     """The GPU schedules take each storage (float16 compute, weights row by row); no GPU is
     needed to compile."""
     storage = {
@@ -206,6 +213,6 @@ def test_every_storage_cross_compiles_for_cuda(tmp_path: Path) -> None:
         quantization="q4f16_m",
         tensor_storage=storage,
     )
-    library = tmp_path / "cuda.so"
-    compile_model(config, tvm_target(Device("cuda", 0)), library)
+    library = tmp_path / f"{kind}.so"
+    compile_model(config, tvm_target(Device(kind, 0)), library)
     assert library.stat().st_size > 0

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from test_int8_gemm import int8_rounded
 
 from mlc_engine.common.config import ModelConfig
-from mlc_engine.common.device import tvm_target
+from mlc_engine.common.device import Device, tvm_target
 from mlc_engine.common.errors import ModelLibraryError
 from mlc_engine.engine import int8_gemm
 from mlc_engine.engine.compiler import METADATA_FUNCTION, compile_model
@@ -36,10 +36,10 @@ from mlc_engine.engine.runtime import PARAMS_FILE, ModelRuntime, logit_rows_buck
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [1, 2, 3], [100, 200, 3, 4, 5, 300, 17, 42, 8]]
 
 
-def _kernel_rounding(quantization: str) -> Callable[[np.ndarray], np.ndarray]:
+def _kernel_rounding(quantization: str, device: Device) -> Callable[[np.ndarray], np.ndarray]:
     """What the compiled model does to activations before its weight matmuls: on AVX2, 4-bit
     float32 ones round them to int8 (`int8_gemm.py`); other matmuls keep them as they are."""
-    if int8_gemm.column_block(get_quantization(quantization), tvm_target(CPU)):
+    if int8_gemm.column_block(get_quantization(quantization), tvm_target(device)):
         return int8_rounded
     return lambda x: x
 
@@ -109,12 +109,12 @@ def dequantized_hf_weights(folder, config: ModelConfig) -> dict[str, np.ndarray]
 
 
 def _check_against_reference(  # noqa: ANN001
-    model, weights, tolerance: float, quantization: str, kv_dtype: str = ""
+    model, weights, tolerance: float, quantization: str, kv_dtype: str = "", device: Device = CPU
 ) -> None:
     """Prefill four prompts one at a time, decode them together, then one alone: logits within
     `tolerance` of the reference's (which rounds activations as the kernels do)."""
     runtime, config = model.runtime, model.config
-    rounded = _kernel_rounding(quantization)
+    rounded = _kernel_rounding(quantization, device)
     rounds = _rounded_weights(config)
     kv_dtype = kv_dtype or get_quantization(quantization).kv_dtype
     kv = runtime.create_kv_cache(4, 512, 128)

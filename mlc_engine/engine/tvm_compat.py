@@ -1,0 +1,19 @@
+"""TVM names that differ between the builds this project runs on, imported from here only.
+
+The pinned PyPI wheel (apache-tvm 0.27.0.post1) and a TVM built from apache/tvm's source for
+Vulkan (`scripts/build-tvm.sh`; its newest reachable commit reports 0.27.devN and predates the
+wheel) spell a few things differently: the wheel has `tvm.sym.Analyzer`,
+`tvm.s_tir.SBlock`/`SBlockRealize` and `tvm.ir.StringImm` where the source has
+`tvm.arith.Analyzer`, `tvm.tirx.SBlock`/`SBlockRealize` and `tvm.relax.StringImm`.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, s_tir, tirx
+
+Analyzer = tvm.sym.Analyzer if hasattr(tvm, "sym") else tvm.arith.Analyzer
+
+SBlock = getattr(s_tir, "SBlock", None) or tirx.SBlock
+SBlockRealize = getattr(s_tir, "SBlockRealize", None) or tirx.SBlockRealize
+StringImm = getattr(tvm.ir, "StringImm", None) or relax.StringImm
