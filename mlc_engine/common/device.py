@@ -121,7 +121,10 @@ def _unavailable_reason(device: Device) -> str | None:
     display = _DISPLAY_NAMES[device.kind]
     flag = f"USE_{device.kind.upper()}"
     value = str(tvm.support.libinfo().get(flag, "OFF"))
-    if value.upper() in ("", "OFF", "NOT-FOUND", "NOTFOUND", "FALSE", "0"):
+    built_with = value.upper() not in ("", "OFF", "NOT-FOUND", "NOTFOUND", "FALSE", "0")
+    # A wheel built from source (scripts/build-tvm.sh) reports USE_VULKAN=OFF in libinfo with
+    # Vulkan built in: its loaded runtime says so instead.
+    if not built_with and not tvm.runtime.enabled(device.kind):
         return f"this TVM build has no {display} support ({flag}={value})"
     if not _device_exists(device):
         where = "" if device.index == 0 else f" with index {device.index}"

@@ -52,7 +52,7 @@ from tvm.script import tirx as T
 
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import COLUMN_BLOCK, GROUP_SIZE, Quantization
-from mlc_engine.engine.tvm_compat import Analyzer
+from mlc_engine.engine.tvm_compat import Analyzer, region_buffer
 
 LARGEST_CODE = 127  # int8 activations
 # Rows a tile runs over the same codes: each takes two registers (its float and int sums), so 4
@@ -121,8 +121,9 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
     if blocks - {"root", MATMUL_BLOCK, DEQUANTIZE_BLOCK, RESIDUAL_BLOCK}:
         return None
     has_residual = RESIDUAL_BLOCK in blocks
-    weights = [region.source for region in dequantize.reads]
-    x = next(r.source for r in matmul.reads if r.source.name != dequantize.writes[0].source.name)
+    weights = [region_buffer(region) for region in dequantize.reads]
+    written = region_buffer(dequantize.writes[0]).name
+    x = next(region_buffer(r) for r in matmul.reads if region_buffer(r).name != written)
     params = list(func.params)
     packed = next((b for b in weights if b.dtype == "uint32"), None)
     expected = len(weights) + 2 + has_residual

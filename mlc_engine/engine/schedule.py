@@ -28,7 +28,7 @@ from tvm import s_tir, tirx
 from mlc_engine.engine import int8_gemm
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
-from mlc_engine.engine.tvm_compat import Analyzer, SBlock, SBlockRealize
+from mlc_engine.engine.tvm_compat import Analyzer, SBlock, SBlockRealize, region_buffer
 
 GEMV_COLUMNS_PER_TASK = 16
 # Columns a matrix-vector tile works on at once, by its row tile (the accumulators in flight are
@@ -142,7 +142,7 @@ def _vectorize_dequantize(sch: s_tir.Schedule, weight: s_tir.schedule.SBlockRV, 
     # left in memory, they were gathered again for every code, the tile's stores possibly
     # aliasing them for LLVM.
     for index, region in enumerate(sch.get(weight).reads):
-        if len(region.source.shape) == 3:
+        if len(region_buffer(region).shape) == 3:
             # Blocks of columns (quantization.py): a vector of columns is already contiguous,
             # and TVM cannot narrow a cache of it to one (it caches the whole array).
             continue

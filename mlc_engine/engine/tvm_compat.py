@@ -3,8 +3,9 @@
 The pinned PyPI wheel (apache-tvm 0.27.0.post1) and a TVM built from apache/tvm's source for
 Vulkan (`scripts/build-tvm.sh`; its newest reachable commit reports 0.27.devN and predates the
 wheel) spell a few things differently: the wheel has `tvm.sym.Analyzer`,
-`tvm.s_tir.SBlock`/`SBlockRealize` and `tvm.ir.StringImm` where the source has
-`tvm.arith.Analyzer`, `tvm.tirx.SBlock`/`SBlockRealize` and `tvm.relax.StringImm`.
+`tvm.s_tir.SBlock`/`SBlockRealize`, `tvm.ir.StringImm` and `BufferRegion.source` where the
+source has `tvm.arith.Analyzer`, `tvm.tirx.SBlock`/`SBlockRealize`, `tvm.relax.StringImm` and
+`BufferRegion.buffer`.
 """
 
 from __future__ import annotations
@@ -17,3 +18,8 @@ Analyzer = tvm.sym.Analyzer if hasattr(tvm, "sym") else tvm.arith.Analyzer
 SBlock = getattr(s_tir, "SBlock", None) or tirx.SBlock
 SBlockRealize = getattr(s_tir, "SBlockRealize", None) or tirx.SBlockRealize
 StringImm = getattr(tvm.ir, "StringImm", None) or relax.StringImm
+
+
+def region_buffer(region: tirx.BufferRegion) -> tirx.Buffer:
+    """The buffer a block's read or write region is of."""
+    return region.source if hasattr(region, "source") else region.buffer
