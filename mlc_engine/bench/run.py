@@ -101,8 +101,9 @@ async def _converse(
     for turn, text in enumerate(conversation.turns):
         messages.append({"role": "user", "content": text})
         body = request_body(workload.endpoint, target.model, messages, max_tokens)
-        result = RequestResult(target.url, label, conversation.index, turn, clock())
-        result.long = conversation.long
+        result = RequestResult(
+            target.url, label, conversation.index, turn, clock(), long=conversation.long
+        )
         await stream_request(client, target.url, workload.endpoint, body, result)
         keep(result)
         if not result.ok:

@@ -64,9 +64,11 @@ class Workload:
             raise ValueError("only a multi-turn workload has more than one turn")
         if (self.scenario == "shared-prefix") != (self.system_words > 0):
             raise ValueError("a shared-prefix workload, and only it, has a system prompt")
-        mixed = self.long_words > 0 and self.long_every > 0
-        if (self.scenario == "mixed") != mixed or (not mixed and self.long_words + self.long_every):
-            raise ValueError("a mixed workload, and only it, has long prompts, every so often")
+        long_prompts = (self.long_words, self.long_every)
+        if self.scenario == "mixed" and min(long_prompts) < 1:
+            raise ValueError("a mixed workload needs long prompts and how often they come")
+        if self.scenario != "mixed" and any(long_prompts):
+            raise ValueError("only a mixed workload has long prompts")
 
     def conversation(self, source: PromptSource, index: int, run_id: str = "") -> Conversation:
         """What conversation `index` sends; conversations of one run share no user message."""
