@@ -183,8 +183,9 @@ def test_4bit_weights_stay_close_to_the_float_weights(tiny_model: Callable) -> N
     assert np.all(error <= step / 2 + 1e-6)
 
 
-def test_batched_prefill_and_decode_equal_each_sequence_alone(tiny_model: Callable) -> None:
-    runtime = tiny_model("q4f32_1").runtime
+def batch_and_alone(runtime: ModelRuntime) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(in a batch, alone) logits of each of PROMPTS at each step: the prefill, then two decodes,
+    run once for the three together and once for each on its own."""
     alone = []
     for prompt in PROMPTS:
         kv = runtime.create_kv_cache(1, 512, 128)
@@ -200,11 +201,14 @@ def test_batched_prefill_and_decode_equal_each_sequence_alone(tiny_model: Callab
     together = [runtime.prefill(kv, ids, PROMPTS)]
     for token in (3, 9):
         together.append(runtime.decode(kv, ids, [token] * 3))
-    for step, batch in enumerate(together):
-        for i in range(3):
-            # Every matmul rounds each row on its own: the batch does not change a sequence's
-            # result.
-            assert _relative_error(batch[i], alone[i][step]) < 1e-5
+    return [(batch[i], alone[i][step]) for step, batch in enumerate(together) for i in range(3)]
+
+
+def test_batched_prefill_and_decode_equal_each_sequence_alone(tiny_model: Callable) -> None:
+    for in_batch, by_itself in batch_and_alone(tiny_model("q4f32_1").runtime):
+        # Every matmul rounds each row on its own: the batch does not change a sequence's
+        # result.
+        assert _relative_error(in_batch, by_itself) < 1e-5
 
 
 def test_a_large_decode_batch_equals_each_sequence_alone(tiny_model: Callable) -> None:

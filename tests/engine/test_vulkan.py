@@ -10,7 +10,12 @@ from collections.abc import Callable
 
 import pytest
 from conftest import VULKAN, requires_vulkan
-from test_model import PROMPTS, _check_against_reference, _relative_error, dequantized_hf_weights
+from test_model import (
+    _check_against_reference,
+    _relative_error,
+    batch_and_alone,
+    dequantized_hf_weights,
+)
 
 from mlc_engine.common.device import tvm_target
 
@@ -41,23 +46,7 @@ def test_vulkan_batched_prefill_and_decode_equal_each_sequence_alone(
     tiny_model: Callable,
 ) -> None:
     runtime = tiny_model("q4f32_1", device=VULKAN).runtime
-    alone = []
-    for prompt in PROMPTS:
-        kv = runtime.create_kv_cache(1, 512, 128)
-        kv.add_sequence(0)
-        logits = [runtime.prefill(kv, [0], [prompt])[0]]
-        for token in (3, 9):
-            logits.append(runtime.decode(kv, [0], [token])[0])
-        alone.append(logits)
-    kv = runtime.create_kv_cache(4, 512, 128)
-    ids = [7, 3, 11]
-    for seq_id in ids:
-        kv.add_sequence(seq_id)
-    together = [runtime.prefill(kv, ids, PROMPTS)]
-    for token in (3, 9):
-        together.append(runtime.decode(kv, ids, [token] * 3))
-    for step, batch in enumerate(together):
-        for i in range(3):
-            # A batch runs other kernels than one sequence (matmul, not matrix-vector, schedules)
-            # that add in another order: equal up to float32 rounding.
-            assert _relative_error(batch[i], alone[i][step]) < 1e-4
+    for in_batch, by_itself in batch_and_alone(runtime):
+        # A batch runs other kernels than one sequence (matmul, not matrix-vector, schedules)
+        # that add in another order: equal up to float32 rounding.
+        assert _relative_error(in_batch, by_itself) < 1e-4
