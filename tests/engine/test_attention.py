@@ -149,15 +149,18 @@ def _indptr(lengths: list[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
 
 
+# The prefill kernels' rows of 4 and 2 multiply-add chains (16 and 8 vector lanes).
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("causal", [0, 1])
-def test_ragged_prefill_kernel_matches_numpy(causal: int) -> None:
+def test_ragged_prefill_kernel_matches_numpy(causal: int, lanes: int) -> None:
     rng = np.random.default_rng(0)
+    # 3 query heads a kv head: 21, 3, 120 and 48 rows, in whole and partial runs of 32.
     lengths = [7, 1, 40, 16]
     indptr, rows = _indptr(lengths), sum(lengths)
     q = rng.standard_normal((rows, H_Q, D), np.float32)
     k, v = (rng.standard_normal((rows, H_KV, D), np.float32) for _ in range(2))
     zeros = [np.zeros(rows, np.int32), np.zeros(len(lengths), np.int32)]
-    kernel = attention_prefill_ragged(H_KV, H_Q, D, D, "float32", 8)
+    kernel = attention_prefill_ragged(H_KV, H_Q, D, D, "float32", lanes)
     output, lse = _run(
         kernel, [q, indptr, k, v, indptr, *zeros], [causal, 0, 1.0, 1e4, D**-0.5], rows
     )
@@ -168,8 +171,9 @@ def test_ragged_prefill_kernel_matches_numpy(causal: int) -> None:
         np.testing.assert_allclose(lse[span], want_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("causal", [0, 1])
-def test_paged_prefill_kernel_matches_numpy(causal: int) -> None:
+def test_paged_prefill_kernel_matches_numpy(causal: int, lanes: int) -> None:
     # An empty cache, a cache shorter than the queries (fully masked when causal), partial pages.
     rng = np.random.default_rng(1)
     cache = PagedCache([20, 0, 5, 33], rng)
@@ -177,7 +181,7 @@ def test_paged_prefill_kernel_matches_numpy(causal: int) -> None:
     indptr, rows = _indptr(q_lengths), sum(q_lengths)
     q = rng.standard_normal((rows, H_Q, D), np.float32)
     zeros = [np.zeros(len(q_lengths), np.int32), np.zeros(rows, np.int32)]
-    kernel = attention_prefill_paged(H_KV, H_Q, D, "float32", 8)
+    kernel = attention_prefill_paged(H_KV, H_Q, D, "float32", lanes)
     arrays = [q, indptr, *cache.arrays(), *zeros]
     output, lse = _run(kernel, arrays, [causal, 0, 1.0, 1e4, D**-0.5], rows)
     for b in range(len(q_lengths)):
