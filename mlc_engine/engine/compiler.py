@@ -91,10 +91,21 @@ def _pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             *fuse,
             relax.transform.DeadCodeElimination(),
             schedule,
+            *_narrowed_indices(target),
             *generic.dataflow_lower_passes(target),
             *generic.finalize_passes(target),
         ]
     )
+
+
+def _narrowed_indices(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """On Vulkan, every kernel's indices as int32: Mesa's lavapipe computed the kernels' bounds
+    checks on int64 thread indices wrongly (a 64-thread gather in a 256-thread block wrote
+    nothing), and 32-bit indices are what GPUs compute fastest. Every tensor of the models we
+    serve has fewer than 2**31 elements."""
+    if target.kind.name != "vulkan":
+        return []
+    return [tvm.tirx.transform.ForceNarrowIndexToInt32()]
 
 
 METADATA_FUNCTION = "_metadata"

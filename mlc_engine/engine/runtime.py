@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tvm
@@ -237,6 +238,16 @@ class ModelRuntime:
     def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(array, self.device)
 
+    def _finished(self, outputs: Any) -> Any:
+        """A VM call's outputs once the device has computed them. A GPU call returns with its
+        work queued. Freeing an input tensor then waits for that work holding the GIL (Vulkan
+        on lavapipe: 11 s for a prefill, in which the engine's heartbeats stopped and its
+        frontend gave it up for dead); a device sync waits without it, so inputs are kept
+        until this has returned."""
+        if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            self.device.sync()
+        return outputs
+
     def prefill(
         self,
         kv_cache: KVCache,
@@ -267,9 +278,10 @@ class ModelRuntime:
         padded = np.pad(positions, (0, logit_rows_bucket(rows) - rows), mode="edge")
         kv_cache.begin_forward(seq_ids, lengths)
         try:
-            logits, _ = self._prefill(
-                self._tensor(flat), self._tensor(padded), kv_cache.handle, self.params
-            )
+            # Inputs held until the device is done with them (see `_finished`).
+            inputs = self._tensor(flat), self._tensor(padded)
+            outputs = self._prefill(*inputs, kv_cache.handle, self.params)
+            logits, _ = self._finished(outputs)
         finally:
             kv_cache.end_forward()
         return _host_view(logits)[0][:rows]
@@ -282,7 +294,7 @@ class ModelRuntime:
         kv_cache.begin_forward(seq_ids, [1] * len(seq_ids))
         try:
             decode = self._decode_one if len(seq_ids) == 1 else self._decode
-            logits, _ = decode(ids, kv_cache.handle, self.params)
+            logits, _ = self._finished(decode(ids, kv_cache.handle, self.params))
         finally:
             kv_cache.end_forward()
         return _host_view(logits)[:, 0, :]
