@@ -67,6 +67,7 @@ WIDE_ROW_TILE = 8
 # From this many rows, the activations are rounded in parallel (at fewer, a launch costs more).
 PARALLEL_ROUNDING_ROWS = 4
 LANES = 8  # int32 / float32 lanes of an AVX2 register
+WIDE_LANES = 16  # of an AVX-512 register: a whole block of COLUMN_BLOCK columns
 # The order of a 4-bit word's activations: its even codes (low nibbles of its bytes), then its
 # odd. 8-bit words keep theirs in order.
 WORD_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -96,6 +97,7 @@ class Operands:
     has_residual: bool
     vnni: bool  # vpdpbusd: 4 products of unsigned by signed bytes added into each int32 lane
     row_tile: int  # ROW_TILE, or WIDE_ROW_TILE where the target has 32 vector registers
+    lanes: int = LANES  # of a register: LANES, or WIDE_LANES where `has_wide_vnni`
 
     @property
     def codes_per_word(self) -> int:
@@ -167,7 +169,10 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
     wide = codegen.llvm_cpu_has_features(["avx512vl"], target)
     row_tile = WIDE_ROW_TILE if wide else ROW_TILE
     has_minimum = len(weights) == 3
-    return Operands(rows, k, n, bits, has_minimum, group, has_residual, has_vnni(target), row_tile)
+    lanes = WIDE_LANES if has_wide_vnni(target) else LANES
+    return Operands(
+        rows, k, n, bits, has_minimum, group, has_residual, has_vnni(target), row_tile, lanes
+    )
 
 
 def has_vnni(target: tvm.target.Target) -> bool:
@@ -178,6 +183,14 @@ def has_vnni(target: tvm.target.Target) -> bool:
     return codegen.llvm_cpu_has_features(["avxvnni"], target) or codegen.llvm_cpu_has_features(
         ["avx512vnni", "avx512vl"], target
     )
+
+
+def has_wide_vnni(target: tvm.target.Target) -> bool:
+    """Whether the target has vpdpbusd on 512-bit registers (AVX512-VNNI with AVX512BW, for
+    the byte operations on them)."""
+    from tvm.target import codegen
+
+    return codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], target)
 
 
 def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
@@ -221,7 +234,11 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     pmaddwd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd")
     pmaddubsw = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw")
     psignb = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b")
-    vpdpbusd = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256")
+    width = operands.lanes
+    # 512-bit registers only with VNNI: the paths without it use AVX2's 256-bit pmaddubsw and
+    # psignb (AVX-512 has no vpsignb).
+    assert width == LANES or vnni
+    vpdpbusd = tvm.target.codegen.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{32 * width}")
     tile_rows = operands.row_tile
     params = list(func.params)
     x_param, codes_param, scale_param = params[:3]
@@ -235,18 +252,18 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     subgroups = GROUP_SIZE // group
     words = k // per_word
     m = rows.astype("int32")
-    registers = COLUMN_BLOCK // LANES
+    registers = COLUMN_BLOCK // width
 
     def lanes(start: tirx.PrimExpr) -> tirx.PrimExpr:
-        return T.ramp(start, 1, LANES)
+        return T.ramp(start, 1, width)
 
     def broadcast_bytes(quad):
         """4 int8 activations (one int32) in every lane, as 32 bytes."""
-        return T.reinterpret("int8x32", T.Broadcast(quad, LANES))
+        return T.reinterpret(f"int8x{4 * width}", T.Broadcast(quad, width))
 
     def weight_word(codes, block, g, w, c):
-        """Word w of group g for the 8 columns c of the block."""
-        return codes[lanes((block * words + g * words_per_group + w) * COLUMN_BLOCK + c * LANES)]
+        """Word w of group g for the columns c of the block (a register's)."""
+        return codes[lanes((block * words + g * words_per_group + w) * COLUMN_BLOCK + c * width)]
 
     def quad_at(r, g, w, odd):
         """The index, in 4-byte units, of the 4 activations meeting a word's (odd) codes."""
@@ -256,43 +273,44 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         """vpmaddubsw of one 4-bit word's even (or odd) codes for 8 columns with the row's 4
         matching int8 activations: two int16 sums of two products per column."""
         return T.call_llvm_pure_intrin(
-            "int16x16",
+            f"int16x{2 * width}",
             pmaddubsw,
-            T.reinterpret("int8x32", nibbles(codes, block, g, w, c, odd)),
+            T.reinterpret(f"int8x{4 * width}", nibbles(codes, block, g, w, c, odd)),
             broadcast_bytes(xq32[quad_at(row, g, w, odd)]),
         )
 
     def nibbles(codes, block, g, w, c, odd):
-        """A 4-bit word's even (or odd) codes for 8 columns, one per byte."""
+        """A 4-bit word's even (or odd) codes for a register's columns, one per byte."""
         word = weight_word(codes, block, g, w, c)
         if odd:
-            word = T.shift_right(word, T.Broadcast(T.uint32(4), LANES))
-        return T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), LANES))
+            word = T.shift_right(word, T.Broadcast(T.uint32(4), width))
+        return T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), width))
 
     def dpbusd(dots, unsigned, signed):
         """dots plus, in each int32 lane, the 4 products of its unsigned by its signed bytes."""
         return T.call_llvm_pure_intrin(
-            "int32x8",
+            f"int32x{width}",
             vpdpbusd,
             dots,
-            T.reinterpret("int8x32", unsigned),
-            T.reinterpret("int8x32", signed),
+            T.reinterpret(f"int8x{4 * width}", unsigned),
+            T.reinterpret(f"int8x{4 * width}", signed),
         )
 
     def signed_codes(codes, xq32, block, g, w, c, row):
         """An 8-bit word's codes for 8 columns, each with the sign of its activation (as
         vpmaddubsw and vpdpbusd want it: the magnitudes of x unsigned, the codes signed)."""
         return T.call_llvm_pure_intrin(
-            "int8x32",
+            f"int8x{4 * width}",
             psignb,
-            T.reinterpret("int8x32", weight_word(codes, block, g, w, c)),
+            T.reinterpret(f"int8x{4 * width}", weight_word(codes, block, g, w, c)),
             broadcast_bytes(xq32[quad_at(row, g, w, 0)]),
         )
 
     def flipped_codes(codes, block, g, w, c):
-        """An 8-bit word's codes for 8 columns plus 128: unsigned bytes, as vpdpbusd wants."""
+        """An 8-bit word's codes for a register's columns plus 128: unsigned bytes, as vpdpbusd
+        wants."""
         return T.bitwise_xor(
-            weight_word(codes, block, g, w, c), T.Broadcast(T.uint32(0x80808080), LANES)
+            weight_word(codes, block, g, w, c), T.Broadcast(T.uint32(0x80808080), width)
         )
 
     def magnitudes(xq32, g, w, row):
@@ -300,43 +318,46 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         return broadcast_bytes(xq32[m * k // 4 + quad_at(row, g, w, 0)])
 
     def add_word(dots, codes, xq32, block, g, w, c, row):
-        """dots plus one word's products for 8 columns with the row's matching activations: one
-        int32 sum per column."""
+        """dots plus one word's products for a register's columns with the row's matching
+        activations: one int32 sum per column."""
         if not eight_bit:  # VNNI only: without it, 4-bit words go through int16 sums
             for odd in (0, 1):
-                activations = T.Broadcast(xq32[quad_at(row, g, w, odd)], LANES)
+                activations = T.Broadcast(xq32[quad_at(row, g, w, odd)], width)
                 dots = dpbusd(dots, nibbles(codes, block, g, w, c, odd), activations)
             return dots
         if vnni:
-            activations = T.Broadcast(xq32[quad_at(row, g, w, 0)], LANES)
+            activations = T.Broadcast(xq32[quad_at(row, g, w, 0)], width)
             return dpbusd(dots, flipped_codes(codes, block, g, w, c), activations)
         signed = signed_codes(codes, xq32, block, g, w, c, row)
-        pairs = T.call_llvm_pure_intrin("int16x16", pmaddubsw, magnitudes(xq32, g, w, row), signed)
-        ones = T.Broadcast(T.int16(1), 2 * LANES)
-        return dots + T.call_llvm_pure_intrin("int32x8", pmaddwd, pairs, ones)
+        pairs = T.call_llvm_pure_intrin(
+            f"int16x{2 * width}", pmaddubsw, magnitudes(xq32, g, w, row), signed
+        )
+        ones = T.Broadcast(T.int16(1), 2 * width)
+        return dots + T.call_llvm_pure_intrin(f"int32x{width}", pmaddwd, pairs, ones)
 
     # In the kernel, names bound to expressions become variables stored in memory (allocated per
     # task), so the expressions are built by these functions and written out in place.
     def group_lanes(block, g, c):
-        """The 8 columns c of the block, in a per-group array (scale, minimum) at group g."""
-        return lanes((block * groups + g) * COLUMN_BLOCK + c * LANES)
+        """The columns c of the block, in a per-group array (scale, minimum) at group g."""
+        return lanes((block * groups + g) * COLUMN_BLOCK + c * width)
 
     def offsets(scale, minimum, block, g, c):
-        """The weight a code of 0 stands for, for the 8 columns (symmetric codes centre on 8)."""
+        """The weight a code of 0 stands for, for a register's columns (symmetric codes centre
+        on 8)."""
         if has_minimum:
             return minimum[group_lanes(block, g, c)]
-        return scale[group_lanes(block, g, c)] * T.Broadcast(T.float32(-8), LANES)
+        return scale[group_lanes(block, g, c)] * T.Broadcast(T.float32(-8), width)
 
     def dot_lanes(r):
-        return T.ramp(r * 2 * LANES, 1, 2 * LANES)
+        return T.ramp(r * 2 * width, 1, 2 * width)
 
     def widened(dots, r):
         """Row r's int16 sums, pairwise into int32: one sum per column."""
-        ones = T.Broadcast(T.int16(1), 2 * LANES)
-        return T.call_llvm_pure_intrin("int32x8", pmaddwd, dots[dot_lanes(r)], ones)
+        ones = T.Broadcast(T.int16(1), 2 * width)
+        return T.call_llvm_pure_intrin(f"int32x{width}", pmaddwd, dots[dot_lanes(r)], ones)
 
     def out_lanes(block, c, row):
-        return lanes(row * n + block * COLUMN_BLOCK + c * LANES)
+        return lanes(row * n + block * COLUMN_BLOCK + c * width)
 
     def group_start(r, g):
         return r * k + g * GROUP_SIZE
@@ -347,23 +368,23 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         for r in T.unroll(tile):
             if has_residual:
                 out[out_lanes(block, c, r0 + r)] = (
-                    residual[out_lanes(block, c, r0 + r)] + acc[lanes(r * LANES)]
+                    residual[out_lanes(block, c, r0 + r)] + acc[lanes(r * width)]
                 )
             else:
-                out[out_lanes(block, c, r0 + r)] = acc[lanes(r * LANES)]
+                out[out_lanes(block, c, r0 + r)] = acc[lanes(r * width)]
 
     def group_sum(sums, scale, minimum, x_scale, x_sum, block, g, c, row):
-        """A weight group's int32 sums for 8 columns as floats: scaled, plus the codes' offset
-        (a minimum, or symmetric 4-bit codes' centre) times the sum of the row's rounded
-        activations over the group."""
+        """A weight group's int32 sums for a register's columns as floats: scaled, plus the
+        codes' offset (a minimum, or symmetric 4-bit codes' centre) times the sum of the row's
+        rounded activations over the group."""
         x_group_scale = x_scale[row * x_groups + g // subgroups]
-        scaled = T.Cast("float32x8", sums) * (
-            scale[group_lanes(block, g, c)] * T.Broadcast(x_group_scale, LANES)
+        scaled = T.Cast(f"float32x{width}", sums) * (
+            scale[group_lanes(block, g, c)] * T.Broadcast(x_group_scale, width)
         )
         if not has_offset:
             return scaled
         return scaled + offsets(scale, minimum, block, g, c) * T.Broadcast(
-            x_sum[row * groups + g], LANES
+            x_sum[row * groups + g], width
         )
 
     @T.macro
@@ -371,13 +392,13 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, 4-bit codes without VNNI:
         a group's products added as int16 (at most 16 * 15 * 127 per lane), widened once."""
         codes, scale, minimum, xq32, x_scale, x_sum, x_bias, out, residual = buffers
-        acc = T.alloc_buffer((tile * LANES,), "float32")
-        dots = T.alloc_buffer((tile * 2 * LANES,), "int16")
+        acc = T.alloc_buffer((tile * width,), "float32")
+        dots = T.alloc_buffer((tile * 2 * width,), "int16")
         for r in T.unroll(tile):
-            acc[lanes(r * LANES)] = T.Broadcast(T.float32(0), LANES)
+            acc[lanes(r * width)] = T.Broadcast(T.float32(0), width)
         for g in range(groups):
             for r in T.unroll(tile):
-                dots[dot_lanes(r)] = T.Broadcast(T.int16(0), 2 * LANES)
+                dots[dot_lanes(r)] = T.Broadcast(T.int16(0), 2 * width)
             for w in range(words_per_group):
                 for r in T.unroll(tile):
                     dots[dot_lanes(r)] = (
@@ -386,34 +407,34 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
                         + quad_products(codes, xq32, block, g, w, c, 1, r0 + r)
                     )
             for r in T.unroll(tile):
-                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + group_sum(
+                acc[lanes(r * width)] = acc[lanes(r * width)] + group_sum(
                     widened(dots, r), scale, minimum, x_scale, x_sum, block, g, c, r0 + r
                 )
         store_tile(out, residual, acc, block, c, r0, tile)
 
     @T.macro
     def row_tile_int32(buffers, block, c, r0, tile):
-        """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, each word's products
-        added as int32 (8-bit codes, and 4-bit ones with VNNI)."""
+        """Rows r0 .. r0 + tile - 1 by the columns c of the block (a register's), each word's
+        products added as int32 (8-bit codes, and 4-bit ones with VNNI)."""
         codes, scale, minimum, xq32, x_scale, x_sum, x_bias, out, residual = buffers
-        acc = T.alloc_buffer((tile * LANES,), "float32")
-        dots = T.alloc_buffer((tile * LANES,), "int32")
+        acc = T.alloc_buffer((tile * width,), "float32")
+        dots = T.alloc_buffer((tile * width,), "int32")
         for r in T.unroll(tile):
-            acc[lanes(r * LANES)] = T.Broadcast(T.float32(0), LANES)
+            acc[lanes(r * width)] = T.Broadcast(T.float32(0), width)
         for g in range(groups):
             for r in T.unroll(tile):
                 if flipped:
-                    dots[lanes(r * LANES)] = T.Broadcast(x_bias[(r0 + r) * groups + g], LANES)
+                    dots[lanes(r * width)] = T.Broadcast(x_bias[(r0 + r) * groups + g], width)
                 else:
-                    dots[lanes(r * LANES)] = T.Broadcast(T.int32(0), LANES)
+                    dots[lanes(r * width)] = T.Broadcast(T.int32(0), width)
             for w in range(words_per_group):
                 for r in T.unroll(tile):
-                    dots[lanes(r * LANES)] = add_word(
-                        dots[lanes(r * LANES)], codes, xq32, block, g, w, c, r0 + r
+                    dots[lanes(r * width)] = add_word(
+                        dots[lanes(r * width)], codes, xq32, block, g, w, c, r0 + r
                     )
             for r in T.unroll(tile):
-                acc[lanes(r * LANES)] = acc[lanes(r * LANES)] + group_sum(
-                    dots[lanes(r * LANES)], scale, minimum, x_scale, x_sum, block, g, c, r0 + r
+                acc[lanes(r * width)] = acc[lanes(r * width)] + group_sum(
+                    dots[lanes(r * width)], scale, minimum, x_scale, x_sum, block, g, c, r0 + r
                 )
         store_tile(out, residual, acc, block, c, r0, tile)
 

@@ -40,10 +40,33 @@ pytestmark = pytest.mark.skipif(
     not tvm.target.codegen.llvm_cpu_has_features(["avx2"], TARGET), reason="needs AVX2"
 )
 K, N = 320, 48  # 10 groups, 3 blocks of columns
-# AVX2 alone (no VNNI, no AVX-512), a code path of its own whatever this host has.
-AVX2 = tvm.target.Target(
-    {"kind": "llvm", "mcpu": "haswell", "mtriple": str(TARGET.attrs["mtriple"]), "num-cores": 2}
-)
+
+
+def _cpu_target(mcpu: str) -> tvm.target.Target:
+    return tvm.target.Target(
+        {"kind": "llvm", "mcpu": mcpu, "mtriple": str(TARGET.attrs["mtriple"]), "num-cores": 2}
+    )
+
+
+def _runs_here(features: list[str]) -> pytest.MarkDecorator:
+    """Skips a target's case where this host lacks the features its code needs."""
+    missing = not tvm.target.codegen.llvm_cpu_has_features(features, TARGET)
+    return pytest.mark.skipif(missing, reason=f"this host lacks {' + '.join(features)}")
+
+
+# Each code path on its own, whatever this host has: AVX2 alone (no VNNI, no AVX-512); VNNI on
+# 256-bit registers (AVX-VNNI, no AVX-512); VNNI on 512-bit registers (AVX512-VNNI).
+AVX2 = _cpu_target("haswell")
+AVX_VNNI = _cpu_target("alderlake")
+AVX512_VNNI = _cpu_target("cascadelake")
+TARGETS = [
+    pytest.param(TARGET, id="host"),
+    pytest.param(AVX2, id="avx2"),
+    pytest.param(AVX_VNNI, id="avx-vnni", marks=_runs_here(["avxvnni"])),
+    pytest.param(
+        AVX512_VNNI, id="avx512-vnni", marks=_runs_here(["avx512vnni", "avx512bw", "avx512vl"])
+    ),
+]
 
 
 def _int64(value: int) -> tvm.tirx.IntImm:  # Relax gives every dimension as int64
@@ -166,7 +189,7 @@ def _assert_int8_result(got: np.ndarray, x: np.ndarray, packed: PackedWeight) ->
         (Q8_1_G16, True, 1, 1536),
     ],
 )
-@pytest.mark.parametrize("target", [TARGET, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_kernel_rounds_activations_to_int8_and_nothing_else(
     storage: str, has_residual: bool, rows: int, k_size: int, target: tvm.target.Target
 ) -> None:
@@ -176,6 +199,8 @@ def test_kernel_rounds_activations_to_int8_and_nothing_else(
     assert operands.bits == (4 if storage in (Q4_0, Q4_1) else 8)
     assert (operands.group, operands.has_minimum) == (group_size(storage), has_minimum(storage))
     assert operands.vnni == int8_gemm.has_vnni(target)
+    wide = int8_gemm.has_wide_vnni(target)
+    assert operands.lanes == (int8_gemm.WIDE_LANES if wide else int8_gemm.LANES)
     rng = np.random.default_rng(rows)
     packed = _packed_weight(storage, rng, k_size)
     x = rng.standard_normal((rows, k_size)).astype(np.float32)
@@ -258,6 +283,12 @@ def test_libraries_ask_for_blocks_only_where_the_kernel_runs() -> None:
     assert not int8_gemm.has_vnni(AVX2)
     assert int8_gemm.has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"}))
     assert int8_gemm.has_vnni(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    # 512-bit registers where AVX512-VNNI is there; AVX-VNNI alone keeps 256-bit ones.
+    assert int8_gemm.has_wide_vnni(AVX512_VNNI)
+    assert not int8_gemm.has_wide_vnni(AVX_VNNI)
+    assert not int8_gemm.has_wide_vnni(
+        tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    )
 
 
 def test_blocks_of_columns_hold_each_column_word_major() -> None:
