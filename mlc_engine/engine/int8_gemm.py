@@ -1,4 +1,4 @@
-"""4- and 8-bit float32 matmuls on x86 AVX2, with the activations rounded to int8.
+"""4- and 8-bit float32 matmuls on x86 AVX2 (and AVX-512), with the activations rounded to int8.
 
 Every quantized float32 matmul of a library for AVX2 runs here (`schedule.py`): decode steps,
 alone or batched, and prefill chunks. The float schedules turn every 4-bit code into a float and
@@ -43,6 +43,18 @@ the codes and a broadcast, fill the 16 AVX2 registers; 3 to 6 rows ran as fast),
 AVX-512 gives 32 registers, then the rest in tiles of 4, 2 and 1. (Tiles over both column
 registers of a block ran a single row 1.2x faster with the weights in cache, but no faster in a
 decode, where they come from memory.)
+
+With AVX512-VNNI (and AVX512BW: Cascade Lake and later; Zen 4 too, not measured) it runs on
+512-bit registers: one holds a whole block of 16 columns, so each `vpdpbusd` does 64 products,
+each broadcast of a row's 4 activations (folded into the `vpdpbusd` as a memory operand) serves
+16 columns, and the codes' masks, shifts and XORs and the float steps per group are half as
+many. On the Xeon, against the same kernel on 256-bit registers in one process: SmolLM2's
+matmuls alone 1.09-1.35x (576 to 3072, 960 and 576, 1536 to 576, at 1, 16 and 512 rows, 4- and
+8-bit codes alike); in the library, decode x1 1.07-1.11x, decode x16 1.15-1.18x, prefill 512
+1.16-1.21x (q4f32_m and a Q8_0 file). Tiles stay at 8 rows: 10 and 12 ran 0.95-1.08x of 8 at
+64 and 512 rows and 0.89-1.01x at 16; 16 rows 0.87-1.01x at 512 and 0.73-0.87x at one row. The
+paths without VNNI stay on 256-bit registers (AVX-512 has no `vpsignb`), as does AVX-VNNI
+without AVX-512.
 """
 
 from __future__ import annotations
@@ -60,14 +72,14 @@ from mlc_engine.engine.tvm_compat import Analyzer, region_buffer
 
 LARGEST_CODE = 127  # int8 activations
 # Rows a tile runs over the same codes: each takes two registers (its float and int sums), so 4
-# fill AVX2's 16 with the codes and broadcasts; with AVX-512's 32 (ymm16-31), 8 (decode x16
-# 1.08x on the Xeon).
+# fill AVX2's 16 with the codes and broadcasts; with AVX-512's 32, 8 (on ymm registers, decode
+# x16 1.08x on the Xeon; on zmm, 10, 12 or 16 rows ran no faster).
 ROW_TILE = 4
 WIDE_ROW_TILE = 8
 # From this many rows, the activations are rounded in parallel (at fewer, a launch costs more).
 PARALLEL_ROUNDING_ROWS = 4
 LANES = 8  # int32 / float32 lanes of an AVX2 register
-WIDE_LANES = 16  # of an AVX-512 register: a whole block of COLUMN_BLOCK columns
+WIDE_LANES = 16  # of an AVX-512 one: a whole block of COLUMN_BLOCK columns
 # The order of a 4-bit word's activations: its even codes (low nibbles of its bytes), then its
 # odd. 8-bit words keep theirs in order.
 WORD_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
