@@ -210,6 +210,12 @@ def applies(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
     return operands(func, target) is not None
 
 
+def _llvm_major() -> int:
+    from tvm.target import codegen
+
+    return int(codegen.llvm_version_major())
+
+
 def _tree(
     combine: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr], terms: list[tirx.PrimExpr]
 ) -> tirx.PrimExpr:
@@ -298,14 +304,18 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
             word = T.shift_right(word, T.Broadcast(T.uint32(4), width))
         return T.bitwise_and(word, T.Broadcast(T.uint32(0x0F0F0F0F), width))
 
+    # LLVM declares vpdpbusd's byte operands as bytes since version 21, as int32 lanes before
+    # (the source-built TVM links LLVM 15, the wheel 22).
+    byte_operands = f"int8x{4 * width}" if _llvm_major() >= 21 else f"int32x{width}"
+
     def dpbusd(dots, unsigned, signed):
         """dots plus, in each int32 lane, the 4 products of its unsigned by its signed bytes."""
         return T.call_llvm_pure_intrin(
             f"int32x{width}",
             vpdpbusd,
             dots,
-            T.reinterpret(f"int8x{4 * width}", unsigned),
-            T.reinterpret(f"int8x{4 * width}", signed),
+            T.reinterpret(byte_operands, unsigned),
+            T.reinterpret(byte_operands, signed),
         )
 
     def signed_codes(codes, xq32, block, g, w, c, row):
