@@ -16,9 +16,9 @@ from mlc_engine.common.protocol import SamplingParams
 
 CONFIG_FILE = "mlc-chat-config.json"
 # How long a step that carries running decodes aims to take (0: no limit). Off by default: on
-# the 2-core CPU, 125 ms cut the mixed workload's ITL p99 from 2.55 s to 0.22 s but cost 30% of
-# its throughput and doubled the long prompts' TTFT (benchmarks/README.md), short of issue 21's
-# bars (0.9x and 1.2x).
+# the 2-core CPU, 125 ms cut the mixed workload's ITL p99 from 694 to 163 ms, but cost 16% of
+# its throughput and put 17% on the long prompts' TTFT, and 100 ms (121 ms) cost 22% and 31%
+# (benchmarks/README.md): no setting meets all of issue 21's bars (150 ms, 0.9x, 1.2x).
 DEFAULT_MAX_STEP_MS = 0.0
 # The request fields a model folder may recommend defaults for, in its `sampling`, and their
 # types. A field it leaves out takes the engine's neutral value (SamplingParams' default).
