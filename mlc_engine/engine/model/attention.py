@@ -304,8 +304,20 @@ def _row_tasks(
         return T.cast(tile[T.min(j, count - 1), i], "float32")
 
     @T.macro
-    def start(query, out, stats, visible, q, first_token, q_len, kv_len, first_row, kv_head,
-              causal, sm_scale):  # fmt: skip
+    def start(
+        query: T.Buffer,
+        out: T.Buffer,
+        stats: T.Buffer,
+        visible: T.Buffer,
+        q: T.Buffer,
+        first_token: T.int32,
+        q_len: T.int32,
+        kv_len: T.int32,
+        first_row: T.int32,
+        kv_head: T.int32,
+        causal: T.int32,
+        sm_scale: T.float32,
+    ) -> None:
         """Each lane's query (scaled), the keys it sees, and empty sums. Lanes past the
         sequence's rows repeat its last row."""
         for r in T.serial(ROWS):
@@ -325,7 +337,15 @@ def _row_tasks(
             stats[TOTAL, r] = T.float32(1)
 
     @T.macro
-    def score_tile(query, scores, acc, visible, keys, tile, count):
+    def score_tile(
+        query: T.Buffer,
+        scores: T.Buffer,
+        acc: T.Buffer,
+        visible: T.Buffer,
+        keys: T.Buffer,
+        tile: T.int32,
+        count: T.int32,
+    ) -> None:
         """scores[j, r] = query[r] . keys[j], or MASKED where row r does not see key j."""
         for block in T.serial(PAGE_SIZE // at_once):
             for kk in T.unroll(at_once):
@@ -346,7 +366,14 @@ def _row_tasks(
                     )
 
     @T.macro
-    def fold_tile(out, scores, stats, acc, values, count):
+    def fold_tile(
+        out: T.Buffer,
+        scores: T.Buffer,
+        stats: T.Buffer,
+        acc: T.Buffer,
+        values: T.Buffer,
+        count: T.int32,
+    ) -> None:
         """Online softmax, lane by lane: rescale each row's running output to the tile's new
         maximum, then add the tile's values weighted by exp2(score - maximum)."""
         for r in T.vectorized(ROWS):
@@ -377,7 +404,16 @@ def _row_tasks(
                     out[block * at_once + ii, r] = acc[ii, r]
 
     @T.macro
-    def finish(out, stats, output, lse, first_token, q_len, first_row, kv_head):
+    def finish(
+        out: T.Buffer,
+        stats: T.Buffer,
+        output: T.Buffer,
+        lse: T.Buffer,
+        first_token: T.int32,
+        q_len: T.int32,
+        first_row: T.int32,
+        kv_head: T.int32,
+    ) -> None:
         for r in T.serial(ROWS):
             if first_row + r < q_len * group:
                 token: T.let[T.int32] = first_token + (first_row + r) // group
