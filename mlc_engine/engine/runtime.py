@@ -14,7 +14,6 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tvm
@@ -238,15 +237,14 @@ class ModelRuntime:
     def _tensor(self, array: np.ndarray) -> tvm.runtime.Tensor:
         return tvm.runtime.tensor(array, self.device)
 
-    def _finished(self, outputs: Any) -> Any:
-        """A VM call's outputs once the device has computed them. A GPU call returns with its
-        work queued. Freeing an input tensor then waits for that work holding the GIL (Vulkan
-        on lavapipe: 11 s for a prefill, in which the engine's heartbeats stopped and its
-        frontend gave it up for dead); a device sync waits without it, so inputs are kept
-        until this has returned."""
+    def _wait_for_device(self) -> None:
+        """Wait until the device has run what the last VM call queued (a GPU call returns with
+        its work queued). Freeing one of the call's input tensors would wait for it too, but
+        holding the GIL (Vulkan on lavapipe: 11 s for a prefill, in which the engine's
+        heartbeats stopped and its frontend gave it up for dead); a device sync waits without
+        it, so a step keeps its inputs until this has returned."""
         if self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
             self.device.sync()
-        return outputs
 
     def prefill(
         self,
@@ -278,10 +276,9 @@ class ModelRuntime:
         padded = np.pad(positions, (0, logit_rows_bucket(rows) - rows), mode="edge")
         kv_cache.begin_forward(seq_ids, lengths)
         try:
-            # Inputs held until the device is done with them (see `_finished`).
-            inputs = self._tensor(flat), self._tensor(padded)
-            outputs = self._prefill(*inputs, kv_cache.handle, self.params)
-            logits, _ = self._finished(outputs)
+            inputs = self._tensor(flat), self._tensor(padded)  # kept: see `_wait_for_device`
+            logits, _ = self._prefill(*inputs, kv_cache.handle, self.params)
+            self._wait_for_device()
         finally:
             kv_cache.end_forward()
         return _host_view(logits)[0][:rows]
@@ -294,7 +291,8 @@ class ModelRuntime:
         kv_cache.begin_forward(seq_ids, [1] * len(seq_ids))
         try:
             decode = self._decode_one if len(seq_ids) == 1 else self._decode
-            logits, _ = self._finished(decode(ids, kv_cache.handle, self.params))
+            logits, _ = decode(ids, kv_cache.handle, self.params)
+            self._wait_for_device()
         finally:
             kv_cache.end_forward()
         return _host_view(logits)[:, 0, :]
