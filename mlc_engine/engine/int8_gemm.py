@@ -55,6 +55,20 @@ matmuls alone 1.09-1.35x (576 to 3072, 960 and 576, 1536 to 576, at 1, 16 and 51
 64 and 512 rows and 0.89-1.01x at 16; 16 rows 0.87-1.01x at 512 and 0.73-0.87x at one row. The
 paths without VNNI stay on 256-bit registers (AVX-512 has no `vpsignb`), as does AVX-VNNI
 without AVX-512.
+
+On zmm a parallel task covers two blocks of columns (an odd last block runs alone), so that a
+row's activations, broadcast once, meet 32 columns. The rows short of a tile of 8 (a decode of
+1 to 7 sequences, and the rest of any row count) run over both blocks at once, as do all rows
+from 64 on, in tiles of 4 (8 int32 and 8 float registers); below 64 rows, whole tiles of 8 rows
+stay one block at a time. Against one block a task, the kernel alone in one process (SmolLM2's
+shapes, 4-bit q4_1 and 8-bit q8_0 codes; other processes on the host): 1 row 1.11-1.20x (4-bit)
+and 1.01-1.12x (8-bit), 4 and 7 rows 1.02-1.23x, 64 rows 0.99-1.07x, 512 rows 1.02-1.29x
+(gate_up 1.16-1.29x: 512 rows of activations, 295 KB, are not in L1, and each task reads them
+all), the 49152-column output layer 1.01-1.08x at 1 to 4 rows. At 16 rows (decode x16) nothing
+over two blocks ran faster, run to run: tiles of 4 rows 0.87-1.04x, of 6 rows 0.68-1.07x, of 8
+rows with the float sums kept in `out` 0.84-1.07x. There the activations sit in L1
+and the loads are not what bounds the loop: besides a group's 8 `vpdpbusd` a row takes 3 to 5
+float steps (convert, scale, offset, add) and a share of the codes' masks and shifts.
 """
 
 from __future__ import annotations
@@ -76,9 +90,9 @@ LARGEST_CODE = 127  # int8 activations
 # x16 1.08x on the Xeon; on zmm, 10, 12 or 16 rows ran no faster).
 ROW_TILE = 4
 WIDE_ROW_TILE = 8
-# Tiles of rows over two blocks of columns (zmm only), each broadcast of a row's activations serving
-# 32 columns: the rows short of a tile of WIDE_ROW_TILE, and from SPAN_ROWS rows, all of them, in
-# tiles of SPAN_ROW_TILE.
+# Blocks of columns a parallel task covers on zmm, each broadcast of a row's activations serving
+# all: the rows short of a tile of WIDE_ROW_TILE run over them at once, and from SPAN_ROWS rows,
+# all rows, in tiles of SPAN_ROW_TILE (1.02-1.29x at 512 rows; at 16, no tile over two ran faster).
 SPAN = 2
 SPAN_ROWS = 64
 SPAN_ROW_TILE = 4
