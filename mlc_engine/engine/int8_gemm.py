@@ -580,7 +580,7 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
             if span == 1:
                 full_tiles(buffers, block, c, tile_rows, 1)
                 last_rows(buffers, block, c, tile_rows, 1)
-            elif m >= SPAN_ROWS:
+            elif m < tile_rows or m >= SPAN_ROWS:
                 full_tiles(buffers, block, c, SPAN_ROW_TILE, span)
                 last_rows(buffers, block, c, SPAN_ROW_TILE, span)
             else:
