@@ -57,18 +57,22 @@ paths without VNNI stay on 256-bit registers (AVX-512 has no `vpsignb`), as does
 without AVX-512.
 
 On zmm a parallel task covers two blocks of columns (an odd last block runs alone), so that a
-row's activations, broadcast once, meet 32 columns. The rows short of a tile of 8 (a decode of
-1 to 7 sequences, and the rest of any row count) run over both blocks at once, as do all rows
-from 64 on, in tiles of 4 (8 int32 and 8 float registers); below 64 rows, whole tiles of 8 rows
-stay one block at a time. Against one block a task, the kernel alone in one process (SmolLM2's
-shapes, 4-bit q4_1 and 8-bit q8_0 codes; other processes on the host): 1 row 1.11-1.20x (4-bit)
-and 1.01-1.12x (8-bit), 4 and 7 rows 1.02-1.23x, 64 rows 0.99-1.07x, 512 rows 1.02-1.29x
-(gate_up 1.16-1.29x: 512 rows of activations, 295 KB, are not in L1, and each task reads them
-all), the 49152-column output layer 1.01-1.08x at 1 to 4 rows. At 16 rows (decode x16) nothing
-over two blocks ran faster, run to run: tiles of 4 rows 0.87-1.04x, of 6 rows 0.68-1.07x, of 8
-rows with the float sums kept in `out` 0.84-1.07x. There the activations sit in L1
-and the loads are not what bounds the loop: besides a group's 8 `vpdpbusd` a row takes 3 to 5
-float steps (convert, scale, offset, add) and a share of the codes' masks and shifts.
+row's activations, broadcast once, meet 32 columns: fewer than 8 rows (decode of 1 to 7
+sequences) and from 64 rows on, all rows run over both blocks at once, in tiles of 4 (8 int32
+and 8 float registers); from 8 to 63 rows, tiles of 8 rows take one block at a time and only
+the rest (m % 8 rows) runs over both. Against one block a task, the kernel alone, two threads
+in one process, SmolLM2's shapes with 4-bit (q4_1) and 8-bit (q8_0) codes: 1 row 1.03-1.17x,
+2 to 7 rows 1.02-1.29x, 9 to 16 rows 0.99-1.06x, 64 rows 0.99-1.06x, 512 rows 1.01-1.33x
+(gate_up 1.24-1.33x: 512 rows of rounded activations, 295 KB, do not stay in L1, and each task
+reads them all); the 49152-column output layer 0.94-1.11x at 1 to 16 rows. In the library
+(q4f32_m, `library_ab.py`, both orders): decode x1 1.02-1.14x, x4 0.99-1.04x, x16 1.00x,
+prefill 512 1.05-1.08x. At 16 rows (decode x16) no tile over both blocks ran faster: 4 rows
+0.98-1.05x (the output layer 0.92-0.96x), 6 rows 0.95-1.02x (0.94x), and on a busy host, 8
+rows with the float sums kept in `out` 0.84-1.07x. There the activations sit in L1 and loads
+are not what bounds the loop: besides a group's 8 `vpdpbusd`, a row takes 3 to 5 float steps
+(convert, scale, offset, add) and a share of the codes' masks and shifts. Tail tiles (4, 2, 1
+rows at m - m % 8) compute their row offsets at run time, in int32: a whole tile of 4 ran
+1.00-1.28x faster than the same 4 rows as a tail.
 """
 
 from __future__ import annotations
@@ -91,8 +95,9 @@ LARGEST_CODE = 127  # int8 activations
 ROW_TILE = 4
 WIDE_ROW_TILE = 8
 # Blocks of columns a parallel task covers on zmm, each broadcast of a row's activations serving
-# all: the rows short of a tile of WIDE_ROW_TILE run over them at once, and from SPAN_ROWS rows,
-# all rows, in tiles of SPAN_ROW_TILE (1.02-1.29x at 512 rows; at 16, no tile over two ran faster).
+# all: below WIDE_ROW_TILE rows and from SPAN_ROWS rows, every row runs over them at once, in
+# tiles of SPAN_ROW_TILE; in between, only the rest of the tiles of WIDE_ROW_TILE (at 16 rows no
+# tile over two blocks ran faster).
 SPAN = 2
 SPAN_ROWS = 64
 SPAN_ROW_TILE = 4
