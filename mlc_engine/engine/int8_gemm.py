@@ -72,7 +72,8 @@ rows with the float sums kept in `out` 0.84-1.07x. There the activations sit in 
 are not what bounds the loop: besides a group's 8 `vpdpbusd`, a row takes 3 to 5 float steps
 (convert, scale, offset, add) and a share of the codes' masks and shifts. Tail tiles (4, 2, 1
 rows at m - m % 8) compute their row offsets at run time, in int32: a whole tile of 4 ran
-1.00-1.28x faster than the same 4 rows as a tail.
+1.00-1.28x faster than the same 4 rows as a tail. The tiles over two blocks are more code to
+compile: SmolLM2's library took 17-19 s where it took 12.5 s.
 """
 
 from __future__ import annotations
