@@ -55,25 +55,6 @@ matmuls alone 1.09-1.35x (576 to 3072, 960 and 576, 1536 to 576, at 1, 16 and 51
 64 and 512 rows and 0.89-1.01x at 16; 16 rows 0.87-1.01x at 512 and 0.73-0.87x at one row. The
 paths without VNNI stay on 256-bit registers (AVX-512 has no `vpsignb`), as does AVX-VNNI
 without AVX-512.
-
-On zmm a parallel task covers two blocks of columns (an odd last block runs alone), so that a
-row's activations, broadcast once, meet 32 columns: fewer than 8 rows (decode of 1 to 7
-sequences) and from 64 rows on, all rows run over both blocks at once, in tiles of 4 (8 int32
-and 8 float registers); from 8 to 63 rows, tiles of 8 rows take one block at a time and only
-the rest (m % 8 rows) runs over both. Against one block a task, the kernel alone, two threads
-in one process, SmolLM2's shapes with 4-bit (q4_1) and 8-bit (q8_0) codes: 1 row 1.03-1.17x,
-2 to 7 rows 1.02-1.29x, 9 to 16 rows 0.99-1.06x, 64 rows 0.99-1.06x, 512 rows 1.01-1.33x
-(gate_up 1.24-1.33x: 512 rows of rounded activations, 295 KB, do not stay in L1, and each task
-reads them all); the 49152-column output layer 0.94-1.11x at 1 to 16 rows. In the library
-(q4f32_m, `library_ab.py`, both orders): decode x1 1.02-1.14x, x4 0.99-1.04x, x16 1.00x,
-prefill 512 1.05-1.08x. At 16 rows (decode x16) no tile over both blocks ran faster: 4 rows
-0.98-1.05x (the output layer 0.92-0.96x), 6 rows 0.95-1.02x (0.94x), and on a busy host, 8
-rows with the float sums kept in `out` 0.84-1.07x. There the activations sit in L1 and loads
-are not what bounds the loop: besides a group's 8 `vpdpbusd`, a row takes 3 to 5 float steps
-(convert, scale, offset, add) and a share of the codes' masks and shifts. Tail tiles (4, 2, 1
-rows at m - m % 8) compute their row offsets at run time, in int32: a whole tile of 4 ran
-1.00-1.28x faster than the same 4 rows as a tail. The tiles over two blocks are more code to
-compile: SmolLM2's library took 17-19 s where it took 12.5 s.
 """
 
 from __future__ import annotations
@@ -95,13 +76,6 @@ LARGEST_CODE = 127  # int8 activations
 # x16 1.08x on the Xeon; on zmm, 10, 12 or 16 rows ran no faster).
 ROW_TILE = 4
 WIDE_ROW_TILE = 8
-# Blocks of columns a parallel task covers on zmm, each broadcast of a row's activations serving
-# all: below WIDE_ROW_TILE rows and from SPAN_ROWS rows, every row runs over them at once, in
-# tiles of SPAN_ROW_TILE; in between, only the rest of the tiles of WIDE_ROW_TILE (at 16 rows no
-# tile over two blocks ran faster).
-SPAN = 2
-SPAN_ROWS = 64
-SPAN_ROW_TILE = 4
 # From this many rows, the activations are rounded in parallel (at fewer, a launch costs more).
 PARALLEL_ROUNDING_ROWS = 4
 LANES = 8  # int32 / float32 lanes of an AVX2 register
@@ -136,7 +110,6 @@ class Operands:
     vnni: bool  # vpdpbusd: 4 products of unsigned by signed bytes added into each int32 lane
     row_tile: int  # ROW_TILE, or WIDE_ROW_TILE where the target has 32 vector registers
     lanes: int = LANES  # of a register: LANES, or WIDE_LANES where `has_wide_vnni`
-    span: int = 1  # blocks of columns a row tile covers
 
     @property
     def codes_per_word(self) -> int:
@@ -208,19 +181,9 @@ def operands(func: tirx.PrimFunc, target: tvm.target.Target) -> Operands | None:
     wide = codegen.llvm_cpu_has_features(["avx512vl"], target)
     row_tile = WIDE_ROW_TILE if wide else ROW_TILE
     has_minimum = len(weights) == 3
-    wide_vnni = has_wide_vnni(target)
+    lanes = WIDE_LANES if has_wide_vnni(target) else LANES
     return Operands(
-        rows,
-        k,
-        n,
-        bits,
-        has_minimum,
-        group,
-        has_residual,
-        has_vnni(target),
-        row_tile,
-        WIDE_LANES if wide_vnni else LANES,
-        SPAN if wide_vnni else 1,
+        rows, k, n, bits, has_minimum, group, has_residual, has_vnni(target), row_tile, lanes
     )
 
 
@@ -308,11 +271,6 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
     words = k // per_word
     m = rows.astype("int32")
     registers = COLUMN_BLOCK // width
-    span = operands.span
-    assert span == 1 or (eight_bit or vnni)
-    blocks = n // COLUMN_BLOCK
-    spans = blocks // span
-    tasks = spans + (blocks % span > 0)
 
     def lanes(start: tirx.PrimExpr) -> tirx.PrimExpr:
         return T.ramp(start, 1, width)
@@ -452,7 +410,7 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         )
 
     @T.macro
-    def row_tile_int16(buffers, block, c, r0, tile, span):
+    def row_tile_int16(buffers, block, c, r0, tile):
         """Rows r0 .. r0 + tile - 1 by the 8 columns c of the block, 4-bit codes without VNNI:
         a group's products added as int16 (at most 16 * 15 * 127 per lane), widened once."""
         codes, scale, minimum, xq32, x_scale, x_sum, x_bias, out, residual = buffers
@@ -477,54 +435,30 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         store_tile(out, residual, acc, block, c, r0, tile)
 
     @T.macro
-    def row_tile_int32(buffers, block, c, r0, tile, span):
-        """Rows r0 .. r0 + tile - 1 by the columns c of `span` blocks from `block` (a register's
-        each), each word's products added as int32 (8-bit codes, and 4-bit ones with VNNI)."""
+    def row_tile_int32(buffers, block, c, r0, tile):
+        """Rows r0 .. r0 + tile - 1 by the columns c of the block (a register's), each word's
+        products added as int32 (8-bit codes, and 4-bit ones with VNNI)."""
         codes, scale, minimum, xq32, x_scale, x_sum, x_bias, out, residual = buffers
-        acc = T.alloc_buffer((span * tile * width,), "float32")
-        dots = T.alloc_buffer((span * tile * width,), "int32")
-        for i in T.unroll(span * tile):
-            acc[lanes(i * width)] = T.Broadcast(T.float32(0), width)
+        acc = T.alloc_buffer((tile * width,), "float32")
+        dots = T.alloc_buffer((tile * width,), "int32")
+        for r in T.unroll(tile):
+            acc[lanes(r * width)] = T.Broadcast(T.float32(0), width)
         for g in range(groups):
-            for i in T.unroll(span * tile):
+            for r in T.unroll(tile):
                 if flipped:
-                    dots[lanes(i * width)] = T.Broadcast(
-                        x_bias[(r0 + i % tile) * groups + g], width
-                    )
+                    dots[lanes(r * width)] = T.Broadcast(x_bias[(r0 + r) * groups + g], width)
                 else:
-                    dots[lanes(i * width)] = T.Broadcast(T.int32(0), width)
+                    dots[lanes(r * width)] = T.Broadcast(T.int32(0), width)
             for w in range(words_per_group):
                 for r in T.unroll(tile):
-                    for j in T.unroll(span):
-                        dots[lanes((j * tile + r) * width)] = add_word(
-                            dots[lanes((j * tile + r) * width)],
-                            codes,
-                            xq32,
-                            block + j,
-                            g,
-                            w,
-                            c,
-                            r0 + r,
-                        )
-            for i in T.unroll(span * tile):
-                acc[lanes(i * width)] = acc[lanes(i * width)] + group_sum(
-                    dots[lanes(i * width)],
-                    scale,
-                    minimum,
-                    x_scale,
-                    x_sum,
-                    block + i // tile,
-                    g,
-                    c,
-                    r0 + i % tile,
+                    dots[lanes(r * width)] = add_word(
+                        dots[lanes(r * width)], codes, xq32, block, g, w, c, r0 + r
+                    )
+            for r in T.unroll(tile):
+                acc[lanes(r * width)] = acc[lanes(r * width)] + group_sum(
+                    dots[lanes(r * width)], scale, minimum, x_scale, x_sum, block, g, c, r0 + r
                 )
-        for i in T.unroll(span * tile):
-            if has_residual:
-                out[out_lanes(block + i // tile, c, r0 + i % tile)] = (
-                    residual[out_lanes(block + i // tile, c, r0 + i % tile)] + acc[lanes(i * width)]
-                )
-            else:
-                out[out_lanes(block + i // tile, c, r0 + i % tile)] = acc[lanes(i * width)]
+        store_tile(out, residual, acc, block, c, r0, tile)
 
     row_tile = row_tile_int32 if eight_bit or vnni else row_tile_int16
 
@@ -572,38 +506,6 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
             if flipped:
                 x_bias[(r * x_groups + g) * subgroups + sub] = rounded_sum * -128
 
-    @T.macro
-    def full_tiles(buffers, block, c, tile, span):
-        """The first m - m % tile rows by `span` blocks from `block`, in tiles of `tile` rows."""
-        for t in range(m // tile):
-            row_tile(buffers, block, c, t * tile, tile, span)
-
-    @T.macro
-    def last_rows(buffers, block, c, tile, span):
-        """The last m % tile rows, in tiles of 4, 2 and 1 (sizes known when compiled): the binary
-        digits of the rest."""
-        if m % tile % 8 >= 4:
-            row_tile(buffers, block, c, m - m % tile % 8, 4, span)
-        if m % tile % 4 >= 2:
-            row_tile(buffers, block, c, m - m % tile % 4, 2, span)
-        if m % tile % 2 == 1:
-            row_tile(buffers, block, c, m - 1, 1, span)
-
-    @T.macro
-    def block_rows(buffers, block, span):
-        """Every row by the `span` blocks of columns from `block`."""
-        for c in range(registers):
-            if span == 1:
-                full_tiles(buffers, block, c, tile_rows, 1)
-                last_rows(buffers, block, c, tile_rows, 1)
-            elif m < tile_rows or m >= SPAN_ROWS:
-                full_tiles(buffers, block, c, SPAN_ROW_TILE, span)
-                last_rows(buffers, block, c, SPAN_ROW_TILE, span)
-            else:
-                for j in range(span):
-                    full_tiles(buffers, block + j, c, tile_rows, 1)
-                last_rows(buffers, block, c, tile_rows, span)
-
     @T.prim_func(private=True, check_well_formed=False)
     def kernel():
         x = T.decl_buffer((m * k,), "float32", data=x_param.data)
@@ -627,12 +529,18 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         else:
             for r, g in T.grid(m, x_groups):
                 round_group(buffers, r, g)
-        for task in T.parallel(tasks):
+        for block in T.parallel(n // COLUMN_BLOCK):
             buffers = (codes, scale, minimum, xq32, x_scale, x_sum, x_bias, out, residual)
-            if task < spans:  # (always, where the blocks divide by the span)
-                block_rows(buffers, task * span, span)
-            else:  # the last blocks, one at a time
-                for b in range(blocks % span):
-                    block_rows(buffers, spans * span + b, 1)
+            for c in range(registers):
+                for t in range(m // tile_rows):
+                    row_tile(buffers, block, c, t * tile_rows, tile_rows)
+                # The last m % tile_rows rows, in tiles of 4, 2 and 1 (sizes known when
+                # compiled): the binary digits of the rest.
+                if m % tile_rows % 8 >= 4:
+                    row_tile(buffers, block, c, m - m % tile_rows % 8, 4)
+                if m % tile_rows % 4 >= 2:
+                    row_tile(buffers, block, c, m - m % tile_rows % 4, 2)
+                if m % tile_rows % 2 == 1:
+                    row_tile(buffers, block, c, m - 1, 1)
 
     return kernel.body

@@ -39,7 +39,7 @@ TARGET = tvm_target(Device("cpu"))
 pytestmark = pytest.mark.skipif(
     not tvm.target.codegen.llvm_cpu_has_features(["avx2"], TARGET), reason="needs AVX2"
 )
-K, N = 320, 48  # 10 groups, 3 blocks of columns (odd: on zmm the last runs alone, not in a pair)
+K, N = 320, 48  # 10 groups, 3 blocks of columns
 
 
 def _cpu_target(mcpu: str) -> tvm.target.Target:
