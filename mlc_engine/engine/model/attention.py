@@ -267,9 +267,9 @@ def _steps(heads: int, d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
 # (fewer loads per multiply-add), and 64 no faster.
 ROWS = 32
 # Independent chains of multiply-adds that keep a core's FMA units busy (two units, each taking
-# a new one while four are under way). The score loop takes as many keys at once as that makes
-# registers of accumulators (ROWS lanes each), the value loop as many elements of head_dim:
-# with AVX-512, 8 (4 had left half the FMA slots idle); with AVX2, 4 (8 registers).
+# a new one while four are under way; 4 chains had left half the FMA slots idle). The score loop
+# takes as many keys at once as that makes registers of accumulators (ROWS lanes each), the
+# value loop as many elements of head_dim: 4 with AVX-512 (two registers each), 2 with AVX2.
 CHAINS = 8
 # The score of a key a row does not see: below NO_SCORE by more than exp2's range, so that it
 # weighs nothing even beside the phantom key of a row that sees none.
