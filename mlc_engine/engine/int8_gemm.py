@@ -519,7 +519,7 @@ def matmul_body(func: tirx.PrimFunc, operands: Operands) -> tirx.Stmt:
         xq32 = T.decl_buffer((m * k // 4 * (2 if signed_eight_bit else 1),), "int32", data=xq.data)
         x_scale = T.alloc_buffer((m * x_groups,), "float32")
         x_sum = T.alloc_buffer((m * groups,), "float32")
-        x_bias = T.alloc_buffer((m * groups,), "int32")
+        x_bias = T.alloc_buffer((m * groups if flipped else 1,), "int32")  # flipped codes only
         buffers = (x, xq, x_scale, x_sum, x_bias)
         # Rounded in parallel, the down projection ran 5-8% faster at 16 and 512 rows (its
         # k = 1536 makes rounding the largest share of a call).
