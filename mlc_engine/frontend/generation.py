@@ -6,7 +6,9 @@ engine request. Text comes out of an incremental detokenizer and a stop-string m
 choice; once every choice of a prompt has stopped, its engine request is aborted. A stop token
 the engine sampled is reported with its logprob and counted in the usage, but has no text (as
 vLLM does, so that lm-evaluation-harness reads the spans it expects). Any failure in one of
-the request's tasks ends the whole request with that error at once.
+the request's tasks ends the whole request with that error at once, except one: an engine that
+dies before the request has heard anything from it. Nothing has reached the client then, so the
+request starts again on another live engine, as if it had been routed there first.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,10 @@ from mlc_engine.frontend.text import IncrementalDetokenizer, Tokenizer
 from mlc_engine.frontend.text.stop import StopStringMatcher
 
 log = logging.getLogger(__name__)
+
+# How many times a request that has heard nothing yet follows its engine's death to another;
+# each death takes one engine out of the choice, so this only bounds a cluster losing several.
+REROUTES = 3
 
 
 @dataclass
@@ -94,8 +100,10 @@ class Generation:
         params: SamplingParams,
         stops: list[str],
         metrics: Metrics,
+        reroute: Callable[[], EngineClient] | None = None,
     ):
         self.client = client
+        self.reroute = reroute  # another live engine for the request (raises an APIError if none)
         self.tokenizer = tokenizer
         self.request_id = request_id
         self.prompts = prompts
@@ -118,6 +126,8 @@ class Generation:
         self._tasks: list[asyncio.Task[None]] = []
         self._start = time.monotonic()
         self._last_token: float | None = None
+        self._heard = False  # any output of the request accepted: it can no longer move
+        self._reroutes = REROUTES if reroute is not None else 0
 
     def _engine_id(self, prompt_index: int) -> str:
         return f"{self.request_id}-{prompt_index}"
@@ -146,13 +156,17 @@ class Generation:
         try:
             while len(done) < len(self.prompts):
                 prompt_index, output = await self._queue.get()
-                if isinstance(output, APIError):
-                    raise output
                 if output is None:
                     done.add(prompt_index)
                     continue
-                if output.finish_reason == "error":
-                    raise self._error(output)
+                error = self._error(output) if isinstance(output, SequenceOutput) else output
+                if isinstance(error, UnavailableError) and self._movable():
+                    log.warning("request %s: %s; starting it again", self.request_id, error)
+                    await self._move()
+                    continue
+                if error is not None:
+                    raise error
+                assert isinstance(output, SequenceOutput)
                 delta = self._accept(prompt_index, output)
                 if delta is not None:
                     yield delta
@@ -160,13 +174,31 @@ class Generation:
                     self._tasks[prompt_index].cancel()  # aborts what still runs in the engine
                     done.add(prompt_index)
         finally:
-            for task in self._tasks:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await self._stop_tasks()
 
-    def _error(self, output: SequenceOutput) -> APIError:
+    def _movable(self) -> bool:
+        return not self._heard and self._reroutes > 0 and self.client.dead is not None
+
+    async def _move(self) -> None:
+        """Start the whole request again on another engine (none of it was heard yet)."""
+        assert self.reroute is not None
+        await self._stop_tasks()
+        self._reroutes -= 1
+        self.client = self.reroute()
+        self._queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(p)) for p in range(len(self.prompts))]
+
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _error(self, output: SequenceOutput) -> APIError | None:
+        """The error that `output` ends the request with, if any."""
+        if output.finish_reason != "error":
+            return None
         message = output.error or "the engine failed the request"
         if output.error_code == ErrorCode.QUEUE_FULL:
             return QueueFullError(message)
@@ -181,6 +213,7 @@ class Generation:
         return all(choice.finished for choice in mine)
 
     def _accept(self, prompt_index: int, output: SequenceOutput) -> Delta | None:
+        self._heard = True
         choice = self.choices[prompt_index * self.params.n + output.index]
         if output.prompt_logprobs is not None:
             self.prompt_logprobs[prompt_index] = output.prompt_logprobs

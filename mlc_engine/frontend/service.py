@@ -196,10 +196,18 @@ class Service:
         self, prompts: list[list[int]], params: SamplingParams, stops: list[str]
     ) -> Generation:
         """Route to an engine (429 / 503 when none can take it); runs once iterated."""
-        client = self.engines.pick(len(prompts) * params.n)
+        sequences = len(prompts) * params.n
+        client = self.engines.pick(sequences)
         self.metrics.prompt(sum(len(prompt) for prompt in prompts))
         return Generation(
-            client, self.tokenizer, uuid.uuid4().hex, prompts, params, stops, self.metrics
+            client,
+            self.tokenizer,
+            uuid.uuid4().hex,
+            prompts,
+            params,
+            stops,
+            self.metrics,
+            reroute=lambda: self.engines.pick(sequences),
         )
 
     def token_text(self, token_id: int) -> str:

@@ -181,3 +181,41 @@ def test_an_engine_that_fails_to_load_stops_the_server_with_its_error(
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "engine 0 exited with code" in result.stderr
+
+
+def test_a_request_whose_engine_dies_before_answering_starts_again_on_another(
+    tiny_chat_model: Path,
+) -> None:
+    """Engine 1 is stopped (SIGSTOP) while engine 0 streams a long answer, so routing by load
+    sends the next request to engine 1; killing engine 1 then must not fail that request: it
+    has heard nothing, so it runs on engine 0 instead."""
+    command = serve_command(tiny_chat_model, "--num-threads", "1")
+    command[command.index("cpu")] = "cpu,cpu"
+    with running_server(command) as url:
+        pids = {_engine_index(pid): pid for pid in _engine_pids(_server_pid(url))}
+        os.kill(pids[1], signal.SIGSTOP)
+        try:
+            long_body = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+            with httpx.stream(
+                "POST", f"{url}/v1/completions", json=long_body, timeout=60
+            ) as long_stream:
+                assert long_stream.status_code == 200, long_stream.read()
+                lines = long_stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data: {"))
+                with ThreadPoolExecutor(1) as pool:
+                    body = {"prompt": "Hi", "max_tokens": 5, "ignore_eos": True}
+                    reply = pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
+                    time.sleep(0.5)  # routed to the stopped engine 1, and waiting there
+                    assert not reply.done()
+                    os.kill(pids[1], signal.SIGKILL)
+                    assert reply.result().status_code == 200, reply.result().text
+                    assert reply.result().json()["usage"]["completion_tokens"] == 5
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[1], signal.SIGKILL)
+
+
+def _engine_index(pid: int) -> int:
+    """Which engine of the server the engine process `pid` is (from its socket's name)."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    return int(command.split("/engine", 1)[1].split("-", 1)[0])
