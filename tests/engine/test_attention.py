@@ -191,16 +191,17 @@ def test_paged_prefill_kernel_matches_numpy(causal: int, lanes: int) -> None:
         np.testing.assert_allclose(lse[span], want_lse, atol=1e-5)
 
 
-# One sequence: its pages split into several runs, merged after (two, and empty runs, for the
-# batch of five).
-@pytest.mark.parametrize("lengths", [[1, 16, 17, 0, 100], [100], [33], [0]])
-def test_paged_decode_kernel_matches_numpy(lengths: list[int]) -> None:
+# Sequences of one run (up to RUN_PAGES pages), two (100 keys) and four (300), merged after;
+# partial pages; an empty sequence; 8 and 16 vector lanes.
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("lengths", [[1, 16, 17, 0, 100], [300], [33], [0]])
+def test_paged_decode_kernel_matches_numpy(lengths: list[int], lanes: int) -> None:
     rng = np.random.default_rng(2)
     cache = PagedCache(lengths, rng)
     batch = len(cache.lengths)
     q = rng.standard_normal((batch, H_Q, D), np.float32)
     zeros = [np.zeros(batch, np.int32)] * 2
-    kernel = attention_decode_paged(H_KV, H_Q, D, "float32", 8)
+    kernel = attention_decode_paged(H_KV, H_Q, D, "float32", lanes)
     output, lse = _run(kernel, [q, *cache.arrays(), *zeros], [0, 1.0, 1e4, D**-0.5], batch)
     for b in range(batch):
         want_out, want_lse = _attention(q[b : b + 1], *cache.sequence(b), causal=False)

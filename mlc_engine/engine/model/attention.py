@@ -14,7 +14,10 @@ parameters and write the same outputs, and are faster because:
 - keys stream by in tiles of one page (16): the tile's scores first, then a single
   online-softmax rescale per tile rather than per key, with a vectorized exp2;
 - in a decode, dot products and the weighted sums of values run in SIMD lanes along head_dim,
-  and the lanes of 8 keys' dot products are summed together, by shuffles.
+  the lanes of 8 keys' dot products are summed together by shuffles (4 with AVX2), and the
+  weighted sum of a tile's values is unrolled with the running outputs in registers (decode
+  attention 1.2-1.7x the kernel before, at 1 to 16 sequences of 32 to 1,000 keys; 1.0-1.6x
+  with AVX2).
 
 For query token t of sequence b and query head h (reading kv head h // (h_q / h_kv)):
 - `attention_prefill_ragged`: over the keys/values b appends in this pass (`k`, `v`, ragged);
@@ -71,24 +74,46 @@ def _pairwise_sum(terms: list[tirx.PrimExpr]) -> tirx.PrimExpr:
     return terms[0]
 
 
-def _lane_sums(rows: list[tirx.PrimExpr]) -> tirx.PrimExpr:
-    """KEYS_SUMMED vectors of KEYS_SUMMED lanes -> the vector of their sums (lane j: the sum
-    of rows[j]), by shuffles and adds: pairs of rows are added lane pair by lane pair until
-    each row is down to one lane."""
+def _row_sums(rows: list[tirx.PrimExpr], lanes: int) -> tirx.PrimExpr:
+    """Vectors of `lanes` lanes (a power of two of them, at most `lanes`) -> the vector of
+    their sums, lane i the sum of rows[i]'s lanes, by shuffles and adds: vectors are added in
+    pairs, each row folded to half its lanes with the pair's rows side by side, until one
+    vector holds every row; then each row is folded in place down to one lane."""
+    vectors, per_vector, width = rows, 1, lanes  # rows in each vector, lanes of each row
 
-    def pair_sums(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
-        # [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7], AVX's hadd.
-        evens = T.Shuffle([a, b], [0, 2, 8, 10, 4, 6, 12, 14])
-        odds = T.Shuffle([a, b], [1, 3, 9, 11, 5, 7, 13, 15])
-        return evens + odds
+    def halves(count: int, width: int) -> tuple[list[int], list[int]]:
+        low = [row * width + i for row in range(count) for i in range(width // 2)]
+        return low, [i + width // 2 for i in low]
 
-    assert len(rows) == 8, "the shuffles are written for 8 lanes"
-    pairs = [pair_sums(rows[i], rows[i + 1]) for i in range(0, 8, 2)]
-    # Lanes 0-3: the sums of rows 0-3's lanes 0-3; lanes 4-7: of their lanes 4-7.
-    low, high = pair_sums(pairs[0], pairs[1]), pair_sums(pairs[2], pairs[3])
-    return T.Shuffle([low, high], [0, 1, 2, 3, 8, 9, 10, 11]) + T.Shuffle(
-        [low, high], [4, 5, 6, 7, 12, 13, 14, 15]
-    )
+    while len(vectors) > 1:
+        low, high = halves(per_vector, width)
+        vectors = [
+            T.Shuffle([a, b], low + [lanes + i for i in low])
+            + T.Shuffle([a, b], high + [lanes + i for i in high])
+            for a, b in zip(vectors[::2], vectors[1::2], strict=True)
+        ]
+        per_vector, width = 2 * per_vector, width // 2
+    (vector,) = vectors
+    while width > 1:
+        low, high = halves(per_vector, width)
+        vector = T.Shuffle([vector], low) + T.Shuffle([vector], high)
+        width //= 2
+    return vector
+
+
+def _across_lanes(
+    combine: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
+    vector: tirx.PrimExpr,
+    lanes: int,
+) -> tirx.PrimExpr:
+    """The vector's lanes combined into one value, halving it by shuffles."""
+    while lanes > 1:
+        lanes //= 2
+        vector = combine(
+            T.Shuffle([vector], list(range(lanes))),
+            T.Shuffle([vector], list(range(lanes, 2 * lanes))),
+        )
+    return vector
 
 
 def _folded(i: tirx.PrimExpr, n: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -121,24 +146,20 @@ def _tile(
     )
 
 
-# Dot products are summed across their lanes 8 keys at a time: the 8 keys' partial sums
-# (8 lanes each) transposed and added in a tree of shuffles, one vector of 8 scores out. Summed
-# key by key, the lanes took about 15 scalar additions a key; prefill of 1024-2048 tokens ran
-# 3-4% faster without them (decode, bound by reading the cache, did not move).
-KEYS_SUMMED = 8
+# A decode task's dot products go a few keys at a time: each key's products with a query head,
+# a register's worth of lanes at a time along head_dim, summed into one register, then those
+# registers' lanes summed together by a tree of shuffles, one vector of scores out (summed key
+# by key, the lanes took about 15 scalar additions a key). Keys at a time, by register lanes:
+# 8 of AVX-512's 16 lanes (3 heads' sums, 24 registers of its 32); with AVX2, 4 (at 8 keys its
+# 16 registers spilled, 0.92-0.95x).
+KEYS_SUMMED = {16: 8, 8: 4}
 # Slots of a task's `stats` scratch, per head.
-MAX, NEW_MAX, TOTAL = 0, 1, 2
+MAX, NEW_MAX, TOTAL, RESCALE = 0, 1, 2, 3
+# Registers a decode task's running outputs may take (of AVX2's 16, AVX-512's 32).
+VALUE_REGISTERS = 12
 # TVM keeps a constant-size local buffer under this many bytes on the stack, where LLVM can keep
 # it in registers; a larger one is allocated on the heap.
 STACK_BYTES = 1024
-
-
-def _partial_lanes(head_dim: int, vector_lanes: int) -> int:
-    """How much of head_dim one step of a dot product takes: two SIMD registers' worth, so
-    that two chains of multiply-adds run side by side."""
-    lanes = math.gcd(head_dim, 2 * vector_lanes)
-    assert lanes % KEYS_SUMMED == 0, f"head_dim {head_dim} is not a multiple of {KEYS_SUMMED}"
-    return lanes
 
 
 def _heads_per_task(group: int, width: int) -> int:
@@ -150,18 +171,16 @@ def _heads_per_task(group: int, width: int) -> int:
 
 def _scratch(heads: int, d_qk: int, d_v: int) -> tuple[T.Buffer, ...]:
     """One task's scratch, allocated inside the parallel loop so that each task has its own:
-    per head, its scaled query, running output, a tile of scores, the partial sums of
-    KEYS_SUMMED keys' dot products (KEYS_SUMMED lanes each), `stats`."""
+    per head, its scaled query, running output, a tile of scores, `stats`."""
     return (
         T.sblock_alloc_buffer((heads, d_qk), "float32"),
         T.sblock_alloc_buffer((heads, d_v), "float32"),
         T.sblock_alloc_buffer((heads, PAGE_SIZE), "float32"),
-        T.sblock_alloc_buffer((heads, KEYS_SUMMED, KEYS_SUMMED), "float32"),
-        T.sblock_alloc_buffer((heads, 3), "float32"),
+        T.sblock_alloc_buffer((heads, 4), "float32"),
     )
 
 
-def _steps(heads: int, d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
+def _steps(heads: int, d_qk: int, d_v: int, vector_lanes: int) -> SimpleNamespace:
     """The steps of one decode task: a query token, `heads` query heads of one kv head."""
 
     @T.macro
@@ -183,38 +202,41 @@ def _steps(heads: int, d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
             stats[g, MAX] = NO_SCORE
             stats[g, TOTAL] = 1.0
 
-    def slice_of(buffer: T.Buffer, row: tirx.PrimExpr, start: tirx.PrimExpr) -> tirx.PrimExpr:
-        """KEYS_SUMMED consecutive lanes of a row of a 2-D buffer, as float32."""
-        return T.Cast(f"float32x{KEYS_SUMMED}", buffer[row, T.ramp(start, 1, KEYS_SUMMED)])
+    lanes = math.gcd(d_qk, vector_lanes)
+    assert lanes in KEYS_SUMMED, f"head_dim {d_qk} is not a multiple of 8"
+    keys_summed = KEYS_SUMMED[lanes]
+
+    def dot(query: T.Buffer, g: tirx.PrimExpr, keys: T.Buffer, key: tirx.PrimExpr) -> tirx.PrimExpr:
+        """Head g's products with a key, summed into one register along head_dim."""
+        return _pairwise_sum(
+            [
+                query[g, T.ramp(c, 1, lanes)]
+                * T.Cast(f"float32x{lanes}", keys[key, T.ramp(c, 1, lanes)])
+                for c in range(0, d_qk, lanes)
+            ]
+        )
 
     @T.macro
-    def score_tile(
-        query: T.Buffer, scores: T.Buffer, partial: T.Buffer, keys: T.Buffer, count: T.int32
-    ) -> None:
-        """scores[g, j] = query[g] . keys[j] for the tile's first `count` keys: per key, SIMD
-        partial sums along head_dim; then per KEYS_SUMMED keys, their lanes summed together."""
-        for block in T.serial(PAGE_SIZE // KEYS_SUMMED):
-            for j in T.serial(KEYS_SUMMED):
-                for g in T.unroll(heads):
-                    partial[g, j, T.ramp(0, 1, KEYS_SUMMED)] = T.Broadcast(
-                        T.float32(0), KEYS_SUMMED
-                    )
-                if block * KEYS_SUMMED + j < count:
-                    for c in T.serial(d_qk // lanes):
-                        for g in T.unroll(heads):
-                            partial[g, j, T.ramp(0, 1, KEYS_SUMMED)] = partial[
-                                g, j, T.ramp(0, 1, KEYS_SUMMED)
-                            ] + _pairwise_sum(
-                                [
-                                    slice_of(query, g, c * lanes + s)
-                                    * slice_of(keys, block * KEYS_SUMMED + j, c * lanes + s)
-                                    for s in range(0, lanes, KEYS_SUMMED)
-                                ]
-                            )
+    def score_tile(query: T.Buffer, scores: T.Buffer, keys: T.Buffer, count: T.int32) -> None:
+        """scores[g, j] = query[g] . keys[j] for the tile's keys, `keys_summed` at a time, the
+        heads side by side (each key is read and converted once for them all). Keys past
+        `count` repeat key count - 1: their scores are masked in fold_tile."""
+        for block in T.serial(PAGE_SIZE // keys_summed):
             for g in T.unroll(heads):
-                scores[g, T.ramp(block * KEYS_SUMMED, 1, KEYS_SUMMED)] = _lane_sums(
-                    [partial[g, j, T.ramp(0, 1, KEYS_SUMMED)] for j in range(KEYS_SUMMED)]
+                scores[g, T.ramp(block * keys_summed, 1, keys_summed)] = _row_sums(
+                    [
+                        dot(query, g, keys, T.min(block * keys_summed + j, count - 1))
+                        for j in range(keys_summed)
+                    ],
+                    lanes,
                 )
+
+    # The weighted sum of values goes over head_dim in chunks that keep every head's running
+    # output in registers (at most VALUE_REGISTERS), key by key with the heads side by side:
+    # each value row is converted once for them all, and the heads' multiply-adds are
+    # independent chains.
+    chunk = min(d_v, VALUE_REGISTERS // heads * vector_lanes)
+    assert d_v % chunk == 0, f"head_dim {d_v} is not a multiple of {chunk}"
 
     @T.macro
     def fold_tile(
@@ -222,25 +244,43 @@ def _steps(heads: int, d_qk: int, d_v: int, lanes: int) -> SimpleNamespace:
     ) -> None:
         """Online softmax: rescale each head's running output to the tile's new maximum, then
         add the tile's values weighted by exp2(score - maximum)."""
-        for g in T.serial(heads):
-            stats[g, NEW_MAX] = stats[g, MAX]
-            for j in T.serial(count):
-                stats[g, NEW_MAX] = T.max(stats[g, NEW_MAX], scores[g, j])
-            rescale = _exp2(stats[g, MAX] - stats[g, NEW_MAX])
-            stats[g, TOTAL] *= rescale
+        for g in T.unroll(heads):
+            seen = T.ramp(0, 1, PAGE_SIZE) < T.Broadcast(count, PAGE_SIZE)
+            stats[g, NEW_MAX] = T.max(
+                stats[g, MAX],
+                _across_lanes(
+                    T.max,
+                    T.Select(
+                        seen,
+                        scores[g, T.ramp(0, 1, PAGE_SIZE)],
+                        T.Broadcast(T.float32(MASKED), PAGE_SIZE),
+                    ),
+                    PAGE_SIZE,
+                ),
+            )
+            stats[g, RESCALE] = _exp2(stats[g, MAX] - stats[g, NEW_MAX])
             for i in T.vectorized(d_v):
-                out[g, i] *= rescale
+                out[g, i] *= stats[g, RESCALE]
             for j in T.vectorized(PAGE_SIZE):
                 # Written out, not bound to a name: TVM 0.27 miscompiles a `let` inside a
                 # vectorized loop (here and in score_tile the results came out wrong).
                 scores[g, j] = T.Select(
                     j < count, _exp2(scores[g, j] - stats[g, NEW_MAX]), T.float32(0)
                 )
-            for j in T.serial(count):
-                stats[g, TOTAL] += scores[g, j]
-                for i in T.vectorized(d_v):
-                    out[g, i] += scores[g, j] * T.cast(values[j, i], "float32")
+            stats[g, TOTAL] = stats[g, TOTAL] * stats[g, RESCALE] + _across_lanes(
+                T.Add, scores[g, T.ramp(0, 1, PAGE_SIZE)], PAGE_SIZE
+            )
             stats[g, MAX] = stats[g, NEW_MAX]
+        # Unrolled over the whole tile, so that LLVM keeps the running outputs in registers
+        # (in a loop over the keys, it loaded and stored them at every key). Keys past `count`
+        # weigh 0 and repeat the value row count - 1 (past it, a page holds no value yet).
+        for c in T.serial(d_v // chunk):
+            for j in T.unroll(PAGE_SIZE):
+                for g in T.unroll(heads):
+                    for i in T.vectorized(chunk):
+                        out[g, c * chunk + i] += scores[g, j] * T.cast(
+                            values[T.min(j, count - 1), c * chunk + i], "float32"
+                        )
 
     @T.macro
     def finish(
@@ -274,8 +314,6 @@ CHAINS = 8
 # The score of a key a row does not see: below NO_SCORE by more than exp2's range, so that it
 # weighs nothing even beside the phantom key of a row that sees none.
 MASKED = -1e30
-# Slots of a row task's `stats` scratch, each ROWS lanes.
-RESCALE = 3
 
 
 def _row_tasks(
@@ -621,8 +659,7 @@ def attention_decode_paged(
     step could turn into a different greedy token)."""
     group = h_q // h_kv
     heads = _heads_per_task(group, d)
-    lanes = _partial_lanes(d, vector_lanes)
-    step = _steps(heads, d, d, lanes)
+    step = _steps(heads, d, d, vector_lanes)
     blocks = h_q // heads  # tasks per query token
     page_stride = h_kv * PAGE_SIZE * d
 
@@ -670,34 +707,34 @@ def attention_decode_paged(
                 with T.sblock("attend"):
                     T.reads()  # the rows a task touches depend on values it reads: declare none
                     T.writes()
-                    query, out, scores, partial, stats = _scratch(heads, d, d)
+                    query, out, scores, stats = _scratch(heads, d, d)
                     b: T.let[T.int32] = task // (blocks * SPLITS)
                     h: T.let[T.int32] = task // SPLITS % blocks * heads  # its first head
                     run: T.let[T.int32] = task % SPLITS
                     n_keys: T.let[T.int32] = _paged_kv_len(page_indptr, last_page_len, b)
-                    per_run: T.let[T.int32] = T.ceildiv(T.ceildiv(n_keys, PAGE_SIZE), SPLITS)
-                    step.start(query, out, stats, q, b, h, sm_scale)
-                    for tile in T.serial(
-                        run * per_run, T.min((run + 1) * per_run, T.ceildiv(n_keys, PAGE_SIZE))
-                    ):
-                        page = page_values[page_indptr[b] + tile]
-                        first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
-                        keys = _tile(pages, first, d, d, dtype)
-                        values = _tile(pages, first + page_stride, d, d, dtype)
-                        count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
-                        step.score_tile(query, scores, partial, keys, count)
-                        step.fold_tile(out, scores, stats, values, count)
-                    for g in T.serial(heads):
-                        for i in T.vectorized(d):
-                            run_out[b, h + g, run, i] = out[g, i]
-                        run_stats[b, h + g, run, 0] = stats[g, MAX]
-                        # The phantom key counts once, in run 0: a later run without keys
-                        # adds nothing.
-                        run_stats[b, h + g, run, 1] = T.Select(
-                            run == 0 or run * per_run < T.ceildiv(n_keys, PAGE_SIZE),
-                            stats[g, TOTAL],
-                            T.float32(0),
-                        )
+                    n_pages: T.let[T.int32] = T.ceildiv(n_keys, PAGE_SIZE)
+                    per_run: T.let[T.int32] = T.max(T.ceildiv(n_pages, SPLITS), RUN_PAGES)
+                    # Run 0 holds the phantom key, so it runs even without keys; a later run
+                    # without keys only says so (total 0), and the merge passes over it.
+                    if run == 0 or run * per_run < n_pages:
+                        step.start(query, out, stats, q, b, h, sm_scale)
+                        for tile in T.serial(run * per_run, T.min((run + 1) * per_run, n_pages)):
+                            page = page_values[page_indptr[b] + tile]
+                            first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
+                            keys = _tile(pages, first, d, d, dtype)
+                            values = _tile(pages, first + page_stride, d, d, dtype)
+                            count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
+                            step.score_tile(query, scores, keys, count)
+                            step.fold_tile(out, scores, stats, values, count)
+                        for g in T.serial(heads):
+                            for i in T.vectorized(d):
+                                run_out[b, h + g, run, i] = out[g, i]
+                            run_stats[b, h + g, run, 0] = stats[g, MAX]
+                            run_stats[b, h + g, run, 1] = stats[g, TOTAL]
+                    else:
+                        for g in T.serial(heads):
+                            run_stats[b, h + g, run, 0] = T.float32(NO_SCORE)
+                            run_stats[b, h + g, run, 1] = T.float32(0)
             for b, head in T.grid(batch_size, h_q):
                 with T.sblock("merge"):
                     T.reads()
@@ -707,9 +744,12 @@ def attention_decode_paged(
     return batch_decode_paged_kv
 
 
-# A decode splits each sequence's keys into this many runs, whatever the batch (enough tasks
-# for a 2-to-8-core CPU at batch 1).
+# A decode splits each sequence's keys into up to this many runs, whatever the batch (enough
+# tasks for a 2-to-8-core CPU at batch 1), of at least RUN_PAGES pages each: a run's fixed costs
+# (its query, its partial output and the merge) outweighed a page or two of keys, and a batch of
+# short sequences has tasks enough without splitting them.
 SPLITS = 4
+RUN_PAGES = 4
 
 
 @T.macro
@@ -727,19 +767,21 @@ def _merge_runs(
     Run 0 holds the phantom key (NO_SCORE, total 1), which weighs nothing beside a real key
     and, with no keys at all, gives TVM's empty answer (0, lse -5e4)."""
     merged = T.sblock_alloc_buffer((3,), "float32")  # largest maximum, total, weight
+    sums = T.sblock_alloc_buffer((d,), "float32")
     merged[0] = run_stats[b, head, 0, 0]
     for run in T.serial(1, splits):
         merged[0] = T.max(merged[0], run_stats[b, head, run, 0])
     merged[1] = T.float32(0)
     for run in T.serial(splits):
         merged[1] += run_stats[b, head, run, 1] * _exp2(run_stats[b, head, run, 0] - merged[0])
-    for i in T.serial(d):
-        output[b, head, i] = T.cast(T.float32(0), output.dtype)
+    for i in T.vectorized(d):
+        sums[i] = T.float32(0)
     for run in T.serial(splits):
-        merged[2] = _exp2(run_stats[b, head, run, 0] - merged[0]) / merged[1]
-        for i in T.serial(d):
-            output[b, head, i] = T.cast(
-                T.cast(output[b, head, i], "float32") + run_out[b, head, run, i] * merged[2],
-                output.dtype,
-            )
+        # A run without keys (total 0) adds nothing: most runs of a short sequence.
+        if run_stats[b, head, run, 1] > T.float32(0):
+            merged[2] = _exp2(run_stats[b, head, run, 0] - merged[0]) / merged[1]
+            for i in T.vectorized(d):
+                sums[i] += run_out[b, head, run, i] * merged[2]
+    for i in T.vectorized(d):
+        output[b, head, i] = T.cast(sums[i], output.dtype)
     lse[b, head] = merged[0] + T.log2(merged[1])
