@@ -28,7 +28,13 @@ from tvm import s_tir, tirx
 from mlc_engine.engine import int8_gemm
 from mlc_engine.engine.model.layers import DEQUANTIZE_BLOCK, MATMUL_BLOCK
 from mlc_engine.engine.quantization import CODES_PER_WORD, GROUP_SIZE
-from mlc_engine.engine.tvm_compat import Analyzer, SBlock, SBlockRealize, region_buffer
+from mlc_engine.engine.tvm_compat import (
+    Analyzer,
+    BufferLoad,
+    SBlock,
+    SBlockRealize,
+    region_buffer,
+)
 
 GEMV_COLUMNS_PER_TASK = 16
 # Columns a matrix-vector tile works on at once, by its row tile (the accumulators in flight are
@@ -229,7 +235,9 @@ def _blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
 def _inline_elementwise(sch: s_tir.Schedule) -> None:
     """Fold each elementwise step into the one that reads it, where that computes it no more
     often: a split, a cast or a sigmoid is then worked out in the loop that uses it, rather than
-    written to a buffer of its own. (A row's norm factor stays apart from the row's elements.)"""
+    written to a buffer of its own. (A row's norm factor stays apart from the row's elements.)
+    A step that only copies (or casts) what it reads is folded in always: a norm's copy of its
+    weight vector had been a loop of its own."""
     for block in _blocks(sch):
         consumers = sch.get_consumers(block)
         size = _extent_product(sch, sch.get_loops(block))
@@ -238,12 +246,76 @@ def _inline_elementwise(sch: s_tir.Schedule) -> None:
             for c in consumers
             if not Analyzer().can_prove(_extent_product(sch, sch.get_loops(c)) <= size)
         ]
-        if not consumers or larger:
+        if not consumers or (larger and not _copies(sch.get(block))):
             continue
         try:
             sch.compute_inline(block)
         except s_tir.schedule.ScheduleError:
             continue
+
+
+def _copies(block: SBlock) -> bool:
+    """Whether the block stores a value it loads (maybe cast), computing nothing."""
+    value = block.body.value if isinstance(block.body, tirx.BufferStore) else None
+    while isinstance(value, tirx.Cast):
+        value = value.value
+    return isinstance(value, BufferLoad)
+
+
+def _split_reductions(sch: s_tir.Schedule, lanes: int) -> list[s_tir.schedule.SBlockRV]:
+    """SIMD for each reduction over a constant multiple of the vector width: `lanes` partial
+    results, one per lane (rfactor), then combined. (A row's sum of squares had been one scalar
+    chain of additions.) The blocks of partial results, to vectorize once they are in place."""
+    partials = []
+    for block in _blocks(sch):
+        loops = sch.get_loops(block)
+        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+        if not loops or kinds[-1:] != [tirx.IterVar.CommReduce]:
+            continue
+        extent = sch.get(loops[-1]).extent
+        if not isinstance(extent, tirx.IntImm) or extent.value % lanes or extent.value <= lanes:
+            continue
+        try:
+            lane = sch.split(loops[-1], [None, lanes])[1]
+            partials.append(sch.rfactor(lane, factor_axis=len(kinds) - 1))
+        except s_tir.schedule.ScheduleError:
+            continue
+    return partials
+
+
+def _vectorize_partials(
+    sch: s_tir.Schedule, partials: list[s_tir.schedule.SBlockRV], lanes: int
+) -> None:
+    """The lanes' loop of each block of partial results innermost (rfactor puts it first),
+    vectorized."""
+    for block in partials:
+        loops = sch.get_loops(block)
+        at = next(i for i, loop in enumerate(loops) if _extent(sch, loop) == lanes)
+        if at + 1 < len(loops):
+            sch.reorder(*loops[at + 1 :], loops[at])
+        sch.vectorize(loops[at])
+
+
+def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:
+    extent = sch.get(loop).extent
+    return extent.value if isinstance(extent, tirx.IntImm) else None
+
+
+def _rows_together(sch: s_tir.Schedule) -> s_tir.schedule.LoopRV | None:
+    """Run every block of the kernel row by row in one loop: the last block's loops but its
+    innermost (a row's elements), fused, with each earlier block computed inside it for the row
+    (a norm's sum of squares, its factor, then the row scaled, while the row is in cache, and
+    one parallel launch rather than one per block). That loop; None where the kernel has one
+    block, or a block that cannot go row by row (the kernel is then left as it was)."""
+    blocks = _blocks(sch)
+    loops = sch.get_loops(blocks[-1])
+    kinds = [iv.iter_type for iv in sch.get(blocks[-1]).iter_vars]
+    if len(blocks) < 2 or len(loops) < 2 or any(kinds):
+        return None
+    rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, rows, preserve_unit_loops=True)
+    return rows
 
 
 def _parallelize_rows(sch: s_tir.Schedule) -> None:
@@ -280,33 +352,58 @@ def _vectorize_rows(sch: s_tir.Schedule, lanes: int) -> None:
 
 
 def _schedule_elementwise(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
-    """Norms, activations and copies: elementwise steps folded into their readers, and the
-    rows run in parallel where there are enough of them (decided at run time when the row
-    count is symbolic; a parallel launch costs more than a few rows of work)."""
+    """Norms, activations and copies: elementwise steps folded into their readers, reductions in
+    SIMD lanes, every block run row by row in one loop where it can be, and the rows run in
+    parallel where there are enough of them (decided at run time when the row count is
+    symbolic; a parallel launch costs more than a few rows of work)."""
     if "global_symbol" in func.attrs:
         return func  # the KV cache's own kernels (TVM's, written by hand), not a model op
-    serial = s_tir.Schedule(func)
-    _inline_elementwise(serial)
-    _vectorize_rows(serial, lanes)
-    parallel = s_tir.Schedule(serial.mod["main"])
-    _parallelize_rows(parallel)
+    serial, work = _rowwise(func, lanes, parallel=False)
+    parallel, _ = _rowwise(func, lanes, parallel=True)
     # The largest block decides. A symbolic size ranks as the threshold: a constant block
     # larger than that makes the kernel parallel always; otherwise the symbolic size decides
     # at run time.
-    work = max(
-        (_extent_product(serial, serial.get_loops(b)) for b in _blocks(serial)),
+    if isinstance(work, tirx.IntImm):
+        return parallel if work.value >= PARALLEL_MIN_WORK else serial
+    # The variants' intermediate buffers, allocated once in a root block around both.
+    serial_root, parallel_root = serial.body.block, parallel.body.block
+    buffers = list(serial_root.alloc_buffers)
+    buffers += [b for b in parallel_root.alloc_buffers if not any(b.same_as(a) for a in buffers)]
+    body = tirx.IfThenElse(work >= PARALLEL_MIN_WORK, parallel_root.body, serial_root.body)
+    root = SBlock([], [], [], "root", body, alloc_buffers=buffers)
+    realize = SBlockRealize([], True, root)
+    return func.with_body(realize).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
+
+
+def _rowwise(
+    func: tirx.PrimFunc, lanes: int, parallel: bool
+) -> tuple[tirx.PrimFunc, tirx.PrimExpr]:
+    """`func` scheduled, its rows in parallel or not; and the iterations of its largest block."""
+    sch = s_tir.Schedule(func)
+    _inline_elementwise(sch)
+    work = _work(sch)
+    partials = _split_reductions(sch, lanes)
+    try:
+        rows = _rows_together(sch)
+    except s_tir.schedule.ScheduleError:  # block by block, as it was
+        sch, partials, rows = s_tir.Schedule(func), [], None
+        _inline_elementwise(sch)
+    _vectorize_partials(sch, partials, lanes)
+    _vectorize_rows(sch, lanes)
+    if parallel and rows is not None:
+        sch.parallel(rows)
+    elif parallel:
+        _parallelize_rows(sch)
+    return sch.mod["main"], work
+
+
+def _work(sch: s_tir.Schedule) -> tirx.PrimExpr:
+    """The iterations of the kernel's largest block (a symbolic size ranks as the threshold)."""
+    return max(
+        (_extent_product(sch, sch.get_loops(b)) for b in _blocks(sch)),
         key=lambda w: w.value if isinstance(w, tirx.IntImm) else PARALLEL_MIN_WORK,
         default=tirx.IntImm("int64", 0),
     )
-    if isinstance(work, tirx.IntImm):
-        chosen = parallel if work.value >= PARALLEL_MIN_WORK else serial
-        return chosen.mod["main"]
-    # Both variants allocate the same intermediate buffers: once, in a root block around them.
-    serial_root, parallel_root = serial.mod["main"].body.block, parallel.mod["main"].body.block
-    body = tirx.IfThenElse(work >= PARALLEL_MIN_WORK, parallel_root.body, serial_root.body)
-    root = SBlock([], [], [], "root", body, alloc_buffers=list(serial_root.alloc_buffers))
-    realize = SBlockRealize([], True, root)
-    return func.with_body(realize).with_attr("tirx.HoistIfThenElseExprWithBlock", 1)
 
 
 def _has_matmul(func: tirx.PrimFunc) -> bool:

@@ -18,6 +18,8 @@ Analyzer = tvm.sym.Analyzer if hasattr(tvm, "sym") else tvm.arith.Analyzer
 SBlock = getattr(s_tir, "SBlock", None) or tirx.SBlock
 SBlockRealize = getattr(s_tir, "SBlockRealize", None) or tirx.SBlockRealize
 StringImm = getattr(tvm.ir, "StringImm", None) or relax.StringImm
+# The node class of a buffer load (the wheel's `tirx.BufferLoad` is a function making one).
+BufferLoad = getattr(tvm.ir.expr, "TensorLoad", None) or tirx.BufferLoad
 
 
 def region_buffer(region: tirx.BufferRegion) -> tirx.Buffer:

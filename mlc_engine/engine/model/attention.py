@@ -149,10 +149,10 @@ def _tile(
 # A decode task's dot products go a few keys at a time: each key's products with a query head,
 # a register's worth of lanes at a time along head_dim, summed into one register, then those
 # registers' lanes summed together by a tree of shuffles, one vector of scores out (summed key
-# by key, the lanes took about 15 scalar additions a key). Keys at a time, by register lanes:
-# 8 of AVX-512's 16 lanes (3 heads' sums, 24 registers of its 32); with AVX2, 4 (at 8 keys its
-# 16 registers spilled, 0.92-0.95x).
-KEYS_SUMMED = {16: 8, 8: 4}
+# by key, the lanes took about 15 scalar additions a key). Keys at a time: 8 with AVX-512's 16
+# lanes (3 heads' sums, 24 registers of its 32); with AVX2 (or SSE), 4 (at 8 keys its 16
+# registers spilled, 0.92-0.95x).
+KEYS_SUMMED, FEW_KEYS_SUMMED = 8, 4
 # Slots of a task's `stats` scratch, per head.
 MAX, NEW_MAX, TOTAL, RESCALE = 0, 1, 2, 3
 # Registers a decode task's running outputs may take (of AVX2's 16, AVX-512's 32).
@@ -203,8 +203,8 @@ def _steps(heads: int, d_qk: int, d_v: int, vector_lanes: int) -> SimpleNamespac
             stats[g, TOTAL] = 1.0
 
     lanes = math.gcd(d_qk, vector_lanes)
-    assert lanes in KEYS_SUMMED, f"head_dim {d_qk} is not a multiple of 8"
-    keys_summed = KEYS_SUMMED[lanes]
+    keys_summed = KEYS_SUMMED if lanes >= 16 else FEW_KEYS_SUMMED
+    assert lanes >= keys_summed, f"head_dim {d_qk} is not a multiple of {keys_summed}"
 
     def dot(query: T.Buffer, g: tirx.PrimExpr, keys: T.Buffer, key: tirx.PrimExpr) -> tirx.PrimExpr:
         """Head g's products with a key, summed into one register along head_dim."""
